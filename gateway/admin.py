@@ -1,0 +1,90 @@
+"""Admin server (aiohttp, its own port): health, readiness, metrics, debug views."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+
+from gateway.observability.metrics import GatewayCollector, Metrics
+from gateway.router import MAX_KEY_BYTES
+from gateway.topology import TopologyHolder
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=2, default=str), status=status, content_type="application/json"
+    )
+
+
+def _error(status: int, code: str, detail: str) -> web.Response:
+    return _json({"error": code, "detail": detail, "request_id": None}, status)
+
+
+class AdminApp:
+    def __init__(
+        self,
+        holder: TopologyHolder,
+        metrics: Metrics,
+        is_draining: Callable[[], bool],
+        config_status: Callable[[], dict[str, object]],
+    ) -> None:
+        self._holder = holder
+        self._is_draining = is_draining
+        self._config_status = config_status
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(GatewayCollector(metrics, lambda: holder.current))
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/debug/ring", self.debug_ring)
+        self.app.router.add_get("/debug/route", self.debug_route)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        # Answering at all proves the event loop is responsive.
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self._is_draining():
+            return _json({"status": "draining"}, 503)
+        if self._holder.current is None:
+            return _json({"status": "no shard config loaded"}, 503)
+        return _json({"status": "ready", "epoch": self._holder.current.epoch})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def debug_ring(self, request: web.Request) -> web.Response:
+        topology = self._holder.current
+        data: dict[str, object] = {"config": self._config_status(), "draining": self._is_draining()}
+        if topology is None:
+            data.update({"epoch": None, "groups": [], "ring": None})
+        else:
+            data.update(topology.describe())
+        return _json(data)
+
+    async def debug_route(self, request: web.Request) -> web.Response:
+        key = request.query.get("key")
+        if key is None or not key.strip():
+            return _error(400, "missing_shard_key", "give the key as ?key=K")
+        key = key.strip()
+        if len(key.encode()) > MAX_KEY_BYTES:
+            return _error(400, "invalid_shard_key", f"shard key is longer than {MAX_KEY_BYTES} bytes")
+        topology = self._holder.current
+        if topology is None:
+            return _error(503, "not_ready", "no shard config is loaded yet")
+        group = topology.groups[topology.ring.owner(key)]
+        return _json(
+            {
+                "key": key,
+                "group": group.name,
+                "epoch": topology.epoch,
+                "ready_pods": [pod.address for pod in group.ready],
+            }
+        )

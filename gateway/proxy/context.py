@@ -1,0 +1,79 @@
+"""State shared by every connection of one data-plane process, and the deadline sweeper.
+
+Timeouts are deadlines stored on connections (one float each) and checked by a single
+periodic sweep, instead of a timer handle created and cancelled per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.config import Limits
+from gateway.observability.metrics import Metrics
+from gateway.proxy.http import RequestIds
+from gateway.topology import TopologyHolder
+
+if TYPE_CHECKING:
+    from gateway.proxy.server import ClientConnection
+    from gateway.proxy.upstream import UpstreamConnection
+
+
+class HasDeadline(Protocol):
+    deadline: float
+
+    def on_deadline(self, now: float) -> None: ...
+
+
+class ProxyContext:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        holder: TopologyHolder,
+        metrics: Metrics,
+        limits: Limits,
+    ) -> None:
+        self.loop = loop
+        self.holder = holder
+        self.metrics = metrics
+        self.limits = limits
+        self.ids = RequestIds()
+        self.clients: set[ClientConnection] = set()
+        self.upstreams: set[UpstreamConnection] = set()
+        self.draining = False
+        timeouts = [
+            limits.client_header_timeout,
+            limits.client_idle_timeout,
+            limits.upstream_header_timeout,
+            limits.upstream_idle_timeout,
+        ]
+        # Resolution of a quarter of the shortest timeout, between 50 ms and 1 s.
+        self.sweep_interval = min(1.0, max(0.05, min(t for t in timeouts if t > 0) / 4))
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            self.sweep(self.loop.time())
+
+    def sweep(self, now: float) -> None:
+        expired: list[HasDeadline] = [c for c in self.clients if 0 < c.deadline <= now]
+        expired.extend(u for u in self.upstreams if 0 < u.deadline <= now)
+        for item in expired:
+            if 0 < item.deadline <= now:  # an earlier expiry may have moved it
+                item.on_deadline(now)
+
+    def close_idle_clients(self) -> None:
+        for client in list(self.clients):
+            client.close_if_idle()

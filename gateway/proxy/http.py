@@ -1,0 +1,96 @@
+"""HTTP/1.1 wire pieces shared by both sides of the proxy: header sets, error bodies, ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from itertools import count
+
+# RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Transfer-Encoding is
+# kept: bodies are forwarded with the framing they arrived in (chunked stays chunked).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+SHARD_PREFIX = b"x-shard-"
+# Connection tokens that are options rather than names of extra hop-by-hop fields.
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+VIA_TOKEN = b"1.1 shardgate"
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+# Client-supplied request ids are kept only when they are short and printable, so that a
+# request id can never smuggle a header or blow up a log line.
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+
+REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class RequestIds:
+    """Request ids from a per-process random prefix and a counter: ~0.15 us instead of uuid4's 2 us."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode()
+        self._counter = count(1)
+
+    def next(self) -> bytes:
+        return b"%s-%x" % (self._prefix, next(self._counter))
+
+    @staticmethod
+    def valid(value: bytes) -> bool:
+        return _VALID_REQUEST_ID.fullmatch(value) is not None
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def error_response(
+    status: int,
+    code: str,
+    detail: str,
+    request_id: bytes,
+    *,
+    close: bool,
+    retry_after: int | None = None,
+    group: str | None = None,
+) -> bytes:
+    """The contract's JSON error as a complete HTTP/1.1 response."""
+    body = json.dumps(
+        {"error": code, "detail": detail, "request_id": request_id.decode("ascii", "replace")},
+        separators=(",", ":"),
+    ).encode()
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error")),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"X-Request-ID: " + request_id,
+    ]
+    if group is not None:
+        lines.append(b"X-Shard-Group: " + group.encode())
+    if retry_after is not None:
+        lines.append(b"Retry-After: %d" % retry_after)
+    lines.append(b"Connection: close" if close else b"Connection: keep-alive")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

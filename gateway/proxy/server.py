@@ -1,0 +1,663 @@
+"""Client side of the data plane: one ``ClientConnection`` per accepted socket.
+
+Connection state (parser, queue of pipelined exchanges, flow control, deadline) lives on
+``ClientConnection``; request state lives on ``Exchange``. Requests are parsed with llhttp
+(httptools); the request head is rewritten once, the body is forwarded with its original
+framing. Exchanges are answered strictly in order: a pipelined request waits (its body
+buffered, reading paused) until the one before it has been answered.
+
+Write safety (DESIGN invariants 1 and 4): a write's candidate pods are only its owner group's;
+a request is tried on a second pod only when no byte of it was handed to the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from gateway.proxy.context import ProxyContext
+from gateway.proxy.http import (
+    CONNECTION_OPTIONS,
+    CONTINUE_RESPONSE,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    SHARD_PREFIX,
+    VIA_TOKEN,
+    RequestIds,
+    error_response,
+)
+from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection, release
+from gateway.router import Decision, Refusal, choose_pod, decide
+from gateway.topology import Pod
+
+# Reasons to stop reading from a client (bit flags; reading resumes when none is left).
+BLOCK_PIPELINE = 1  # an earlier request is still being answered
+BLOCK_UPSTREAM = 2  # the upstream's write buffer is full
+BLOCK_PENDING = 4  # too much body buffered while the upstream connection is being set up
+BLOCK_BROKEN = 8  # nothing more is read on this connection
+PENDING_LIMIT = 256 * 1024
+CLIENT_CLOSED = 499  # nginx's code for "client went away", used in metrics only
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
+
+class _ParseAbort(Exception):
+    """Raised inside a parser callback to stop parsing; the connection answers and closes."""
+
+
+class Exchange:
+    """One request/response pair on a client connection."""
+
+    __slots__ = (
+        "attempts",
+        "body_bytes",
+        "chunked",
+        "client",
+        "decision",
+        "expect_continue",
+        "group_bytes",
+        "head",
+        "http10",
+        "idempotent",
+        "is_head",
+        "keep_alive",
+        "pending",
+        "pending_bytes",
+        "pod",
+        "refusal",
+        "request_done",
+        "response_done",
+        "rid",
+        "sent",
+        "start_time",
+        "started",
+        "status",
+        "upstream",
+    )
+
+    def __init__(self, client: ClientConnection, start_time: float) -> None:
+        self.client = client
+        self.start_time = start_time
+        self.decision: Decision | None = None
+        self.refusal: Refusal | None = None  # set when the gateway answers this request itself
+        self.head = b""
+        self.rid = b""
+        self.group_bytes = b""
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.body_bytes = 0
+        self.chunked = False
+        self.keep_alive = True
+        self.http10 = False
+        self.is_head = False
+        self.idempotent = False
+        self.expect_continue = False
+        self.request_done = False
+        self.started = False
+        self.sent = False  # some byte of this request was handed to an upstream connection
+        self.response_done = False
+        self.status = 0
+        self.attempts = 0
+        self.pod: Pod | None = None
+        self.upstream: UpstreamConnection | None = None
+
+    # -- called by the upstream connection -------------------------------------------------
+
+    def response_started(self, status: int) -> None:
+        self.status = status
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        self.response_done = True
+        self.upstream = None
+        if not self.request_done:
+            conn.keep_alive = False  # it never got the whole request; reuse would desync it
+            self.keep_alive = False
+        release(conn, self.client.ctx.loop.time())
+        self.client.exchange_done(self)
+
+    def upstream_lost(self, conn: UpstreamConnection) -> None:
+        """The upstream connection closed under this exchange."""
+        self.upstream = None
+        client = self.client
+        if self.response_done:
+            return
+        if self.status:
+            if conn.until_close:
+                # Close-delimited body: the close *is* the end of the response.
+                self.response_done = True
+                self.keep_alive = False
+                client.exchange_done(self)
+            else:
+                client.abort_exchange(self)  # the client must see a truncated response
+            return
+        if self._may_retry(conn):
+            client.ctx.metrics.upstream_retries += 1
+            self._try_again(exclude=None if conn.reused else self.pod)
+            return
+        client.fail(self, 502, "upstream_error", "upstream closed the connection before responding")
+
+    def upstream_invalid(self, conn: UpstreamConnection) -> None:
+        conn.abort()
+        self.upstream = None
+        if self.status:
+            self.client.abort_exchange(self)
+        else:
+            self.client.fail(self, 502, "upstream_error", "upstream sent an invalid response")
+
+    def upstream_timeout(self, conn: UpstreamConnection) -> None:
+        conn.abort()
+        self.upstream = None
+        if self.status:
+            self.client.abort_exchange(self)
+        else:
+            self.client.fail(self, 504, "upstream_timeout", "upstream did not answer in time")
+
+    # -- retry rules ------------------------------------------------------------------------
+
+    def _may_retry(self, conn: UpstreamConnection) -> bool:
+        if self.attempts >= 2 or not self.request_done:
+            return False
+        if not self.sent:
+            return True
+        # Bytes were handed to the upstream: only a bodiless idempotent read may go again.
+        return self.idempotent and self.body_bytes == 0
+
+    def _try_again(self, exclude: Pod | None) -> None:
+        self._leave_pod()
+        self.sent = False
+        self.client.dispatch(self, exclude)
+
+    def _leave_pod(self) -> None:
+        if self.pod is not None:
+            self.pod.inflight -= 1
+            self.pod = None
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_header_bytes",
+        "_headers",
+        "_reading_head",
+        "_url",
+        "broken",
+        "closed",
+        "ctx",
+        "deadline",
+        "exchanges",
+        "out",
+        "parser",
+        "parsing",
+        "peer",
+        "read_blocks",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.parser = HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = b""
+        self.exchanges: deque[Exchange] = deque()
+        self.parsing: Exchange | None = None
+        self.out: list[bytes] = []
+        self.read_blocks = 0
+        self.write_paused = False
+        self.closed = False
+        self.broken = False  # nothing more is read: a protocol error or an upgrade was seen
+        self.deadline = 0.0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._url = b""
+        self._header_bytes = 0
+        self._reading_head = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports are not asyncio.Transport subclasses; they implement the same API.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]).encode() if peer else b"unknown"
+        ctx = self.ctx
+        ctx.clients.add(self)
+        ctx.metrics.client_connections_open += 1
+        ctx.metrics.client_connections_total += 1
+        self.deadline = ctx.loop.time() + ctx.limits.client_header_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline = 0.0
+        ctx = self.ctx
+        ctx.clients.discard(self)
+        ctx.metrics.client_connections_open -= 1
+        exchanges = list(self.exchanges)
+        self.exchanges.clear()
+        for exchange in exchanges:
+            exchange._leave_pod()
+            conn = exchange.upstream
+            if conn is not None:
+                exchange.upstream = None
+                conn.abort()  # mid-exchange: its response can no longer be delivered
+            if exchange.started and not exchange.response_done:
+                self._record(exchange, CLIENT_CLOSED)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchanges and self.exchanges[0].upstream is not None:
+            self.exchanges[0].upstream.set_reading(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchanges and self.exchanges[0].upstream is not None:
+            self.exchanges[0].upstream.set_reading(True)
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        if self._reading_head:
+            self._header_bytes += len(data)
+        elif self.parsing is not None:
+            # Body in progress: a client that stalls mid-body is cut off after the idle timeout.
+            self.deadline = self.ctx.loop.time() + self.ctx.limits.client_idle_timeout
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            # Upgrade is not supported: the request goes out without its Upgrade header, and
+            # what follows it on this connection is not HTTP/1.1 we could parse.
+            if self.exchanges:
+                self.exchanges[-1].keep_alive = False
+            self._stop_reading()
+        except _ParseAbort:
+            pass
+        except HttpParserError as exc:
+            self._protocol_error(400, "bad_request", f"malformed HTTP request: {_reason(exc)}")
+        else:
+            if self._reading_head and self._header_bytes > self.ctx.limits.max_header_bytes:
+                self._protocol_error(431, "headers_too_large", "request headers are too large")
+        self._advance()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        ctx = self.ctx
+        now = ctx.loop.time()
+        self.parsing = Exchange(self, now)
+        self._headers = []
+        self._url = b""
+        self._header_bytes = 0
+        self._reading_head = True
+        self.deadline = now + ctx.limits.client_header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.ctx.limits.max_header_bytes:
+            self._protocol_error(431, "headers_too_large", "request headers are too large")
+            raise _ParseAbort
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        exchange = self.parsing
+        assert exchange is not None
+        self.exchanges.append(exchange)
+        ctx = self.ctx
+        self.deadline = ctx.loop.time() + ctx.limits.client_idle_timeout
+        parser = self.parser
+        method = parser.get_method()
+        exchange.keep_alive = parser.should_keep_alive()
+        exchange.http10 = parser.get_http_version() == "1.0"
+        exchange.is_head = method == b"HEAD"
+        exchange.idempotent = method in _IDEMPOTENT
+        self._build_request(exchange, method)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.body_bytes += len(body)
+        if exchange.body_bytes > self.ctx.limits.max_body_bytes:
+            self._protocol_error(413, "body_too_large", "request body is larger than allowed")
+            raise _ParseAbort
+        if exchange.refusal is not None:
+            return  # refused already; the body is read and dropped to keep the connection usable
+        exchange.pending.append(b"%x\r\n%s\r\n" % (len(body), body) if exchange.chunked else body)
+        exchange.pending_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        self.parsing = None
+        exchange.request_done = True
+        if exchange.chunked and exchange.refusal is None:
+            exchange.pending.append(LAST_CHUNK)
+        self.deadline = 0.0  # a response is owed now; the upstream's deadline applies
+
+    # -- request head -----------------------------------------------------------------------
+
+    def _build_request(self, exchange: Exchange, method: bytes) -> None:
+        ctx = self.ctx
+        topology = ctx.holder.current
+        key_name = topology.key_header if topology is not None else b""
+        operation_name = topology.operation_header if topology is not None else None
+        raw_key = operation = request_id = forwarded_for = via = host = None
+        has_proto = has_forwarded_host = False
+        content_length = -1
+        connection_tokens: set[bytes] | None = None
+        lines: list[bytes] = []
+        append = lines.append
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == key_name:
+                raw_key = value
+            elif lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
+                    if tokens:
+                        connection_tokens = (connection_tokens or set()) | tokens
+                continue
+            elif lname.startswith(b"x-"):
+                if lname.startswith(SHARD_PREFIX):
+                    continue  # only the gateway speaks X-Shard-* to upstreams
+                if lname == b"x-request-id":
+                    request_id = value
+                    continue
+                if lname == b"x-forwarded-for":
+                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                    continue
+                if lname == b"x-forwarded-proto":
+                    has_proto = True
+                elif lname == b"x-forwarded-host":
+                    has_forwarded_host = True
+            elif lname == operation_name:
+                operation = value
+            elif lname == b"host":
+                host = value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+                continue
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    exchange.expect_continue = True
+                continue  # the gateway answers Expect itself
+            elif lname == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+            elif lname == b"transfer-encoding":
+                exchange.chunked = True
+            append(b"%s: %s" % (name, value))
+        if connection_tokens:
+            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+
+        if request_id is None or not RequestIds.valid(request_id):
+            request_id = ctx.ids.next()
+        exchange.rid = request_id
+
+        decision = decide(topology, method, raw_key, operation)
+        if isinstance(decision, Refusal):
+            self._refuse(exchange, decision)
+            return
+        if content_length > ctx.limits.max_body_bytes:
+            self._refuse(exchange, Refusal(413, "body_too_large", "request body is larger than allowed"))
+            exchange.keep_alive = False
+            return
+        assert topology is not None
+        exchange.decision = decision
+        lines.append(b"X-Request-ID: " + request_id)
+        peer = self.peer
+        lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer if forwarded_for else peer))
+        if not has_proto:
+            lines.append(b"X-Forwarded-Proto: http")
+        if not has_forwarded_host and host is not None:
+            lines.append(b"X-Forwarded-Host: " + host)
+        lines.append(b"Via: " + (via + b", " + VIA_TOKEN if via else VIA_TOKEN))
+        lines.append(b"X-Shard-Epoch: " + topology.epoch_bytes)
+        # X-Shard-Group and the blank line are added per attempt: a read's group is its pod's.
+        exchange.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, self._url, b"\r\n".join(lines))
+
+    def _refuse(self, exchange: Exchange, refusal: Refusal) -> None:
+        exchange.refusal = refusal
+
+    # -- driving exchanges ---------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start the oldest unanswered exchange and push its buffered body upstream."""
+        while self.exchanges and not self.closed:
+            exchange = self.exchanges[0]
+            if not exchange.started:
+                exchange.started = True
+                refusal = exchange.refusal
+                if refusal is not None:
+                    self.fail(exchange, refusal.status, refusal.code, refusal.detail, refusal.retry_after,
+                              refusal.group)  # fmt: skip
+                    continue  # it finished (or closed the connection); look at the next
+                if exchange.expect_continue and not exchange.request_done:
+                    self.out.append(CONTINUE_RESPONSE)
+                    self.flush_output()
+                self.dispatch(exchange, None)
+            elif exchange.pending and exchange.upstream is not None:
+                exchange.upstream.transport.write(b"".join(exchange.pending))  # type: ignore[union-attr]
+                exchange.pending.clear()
+                exchange.pending_bytes = 0
+            break
+        self._update_blocks()
+
+    def _update_blocks(self) -> None:
+        if self.closed:
+            return
+        if len(self.exchanges) > 1:
+            self.block_reading(BLOCK_PIPELINE)
+        else:
+            self.unblock_reading(BLOCK_PIPELINE)
+        active = self.exchanges[0] if self.exchanges else None
+        if active is not None and active.upstream is None and active.pending_bytes > PENDING_LIMIT:
+            self.block_reading(BLOCK_PENDING)
+        else:
+            self.unblock_reading(BLOCK_PENDING)
+
+    def dispatch(self, exchange: Exchange, exclude: Pod | None) -> None:
+        """Pick a pod from the exchange's allowed set and send the request to it."""
+        decision = exchange.decision
+        assert decision is not None
+        exchange.attempts += 1
+        pod = choose_pod(decision.candidates, exclude)
+        if pod is None and exclude is not None and exclude.eligible:
+            pod = exclude  # a one-pod group: a fresh connection to the same pod is the retry
+        if pod is None:
+            group = decision.group
+            detail = f"shard group {group} has no ready pod" if group else "no ready pod"
+            self.fail(exchange, 503, "shard_unavailable", detail, retry_after=1, group=group)
+            return
+        pod.inflight += 1
+        pod.requests += 1
+        exchange.pod = pod
+        exchange.group_bytes = pod.group.encode()
+        conn = acquire_idle(pod)
+        if conn is not None:
+            self._send(exchange, conn)
+        else:
+            self.ctx.loop.create_task(self._connect_and_send(exchange, pod))
+
+    async def _connect_and_send(self, exchange: Exchange, pod: Pod) -> None:
+        ctx = self.ctx
+        try:
+            conn = await open_connection(ctx, pod)
+        except (OSError, TimeoutError) as exc:
+            ctx.metrics.upstream_connect_failures += 1
+            if self.closed or exchange.pod is not pod:
+                return
+            if exchange.attempts < 2:
+                # Nothing reached the pod (the body is still in ``pending``): safe to try another.
+                ctx.metrics.upstream_retries += 1
+                exchange._leave_pod()
+                self.dispatch(exchange, pod)
+                return
+            timeout = isinstance(exc, TimeoutError)
+            self.fail(
+                exchange,
+                504 if timeout else 502,
+                "upstream_timeout" if timeout else "upstream_error",
+                f"could not connect to a pod of group {pod.group}",
+            )
+            return
+        if self.closed or exchange.pod is not pod or exchange.response_done:
+            release(conn, ctx.loop.time())
+            return
+        self._send(exchange, conn)
+
+    def _send(self, exchange: Exchange, conn: UpstreamConnection) -> None:
+        exchange.upstream = conn
+        exchange.sent = True
+        data = b"%sX-Shard-Group: %s\r\n\r\n" % (exchange.head, exchange.group_bytes)
+        if exchange.pending:
+            data += b"".join(exchange.pending)
+            exchange.pending.clear()
+            exchange.pending_bytes = 0
+        conn.start(exchange, data, exchange.is_head, self.ctx.loop.time())
+        self._update_blocks()
+
+    def fail(
+        self,
+        exchange: Exchange,
+        status: int,
+        code: str,
+        detail: str,
+        retry_after: int | None = None,
+        group: str | None = None,
+    ) -> None:
+        """Answer an exchange that got no upstream response with the contract's error."""
+        if self.closed or exchange.response_done:
+            return
+        self.ctx.metrics.refused(code)
+        exchange._leave_pod()
+        exchange.status = status
+        exchange.response_done = True
+        if exchange.upstream is not None:
+            exchange.upstream.abort()
+            exchange.upstream = None
+        close = not exchange.keep_alive or not exchange.request_done or self.ctx.draining
+        exchange.keep_alive = not close
+        self.out.append(
+            error_response(
+                status, code, detail, exchange.rid, close=close, retry_after=retry_after, group=group
+            )
+        )
+        self.exchange_done(exchange)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """The response is complete: account for it, then close or move to the next request."""
+        exchange._leave_pod()
+        self._record(exchange, exchange.status)
+        if self.exchanges and self.exchanges[0] is exchange:
+            self.exchanges.popleft()
+        self.unblock_reading(BLOCK_UPSTREAM)
+        self.flush_output()
+        if not exchange.keep_alive or self.ctx.draining:
+            self._close()
+            return
+        if self.exchanges:
+            self._advance()
+        else:
+            self._update_blocks()
+            if self.parsing is None:
+                self.deadline = self.ctx.loop.time() + self.ctx.limits.client_idle_timeout
+
+    def abort_exchange(self, exchange: Exchange) -> None:
+        """A response already under way cannot be completed: cut the client off, never fake it."""
+        exchange._leave_pod()
+        if exchange.upstream is not None:
+            exchange.upstream.abort()
+            exchange.upstream = None
+        self._record(exchange, 502)
+        self.flush_output()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _record(self, exchange: Exchange, status: int) -> None:
+        decision = exchange.decision
+        group = decision.group if decision is not None and decision.group else None
+        if group is None:
+            group = exchange.group_bytes.decode() if exchange.group_bytes else "none"
+        write = decision.is_write if decision is not None else False
+        self.ctx.metrics.route(group, write).observe(status, self.ctx.loop.time() - exchange.start_time)
+
+    # -- output, flow control, closing ---------------------------------------------------------
+
+    def flush_output(self) -> None:
+        out = self.out
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+            out.clear()
+
+    def block_reading(self, reason: int) -> None:
+        if not self.read_blocks and not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.read_blocks |= reason
+
+    def unblock_reading(self, reason: int) -> None:
+        if self.read_blocks & reason:
+            self.read_blocks &= ~reason
+            if not self.read_blocks and not self.closed:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def on_deadline(self, now: float) -> None:
+        active = self.exchanges[0] if self.exchanges else None
+        if active is not None and active.upstream is not None and active.status:
+            self.deadline = 0.0  # streaming a response; the client is reading at its pace
+            return
+        self.deadline = 0.0
+        if active is not None:
+            self.abort_exchange(active)
+        else:
+            self._close()
+
+    def close_if_idle(self) -> None:
+        if not self.exchanges and self.parsing is None:
+            self._close()
+
+    def _protocol_error(self, status: int, code: str, detail: str) -> None:
+        """Malformed input: answer it after the requests before it, then close the connection."""
+        if self.closed:
+            return
+        exchange = self.parsing
+        self.parsing = None
+        self._reading_head = False
+        self._stop_reading()
+        if exchange is not None and exchange.started:
+            # The request being proxied turned bad mid-body (bad chunk, over the size limit).
+            exchange.keep_alive = False
+            if exchange.status:
+                self.abort_exchange(exchange)
+            else:
+                self.fail(exchange, status, code, detail)
+            return
+        if exchange is None:
+            exchange = Exchange(self, self.ctx.loop.time())
+        if exchange not in self.exchanges:
+            self.exchanges.append(exchange)
+        if not exchange.rid:
+            exchange.rid = self.ctx.ids.next()
+        exchange.keep_alive = False
+        exchange.pending.clear()
+        exchange.refusal = Refusal(status, code, detail)
+
+    def _stop_reading(self) -> None:
+        self.broken = True
+        self.block_reading(BLOCK_BROKEN)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.flush_output()
+        self.closed = True
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,93 @@
+"""ShardRing: the contract's ketama ring over group names, plus the config epoch digest.
+
+owner(K) is, by contract, exactly
+``uhashring.HashRing(nodes={name: {"weight": w, "vnodes": v}}, hash_fn="ketama").get_node(K)``.
+We delegate to uhashring itself so backends using it can never disagree with us, and put a
+bounded per-ring dict in front of it: a cached lookup costs ~0.05 us instead of ~1.7 us.
+A ring is immutable once built, and is built off the request path (on config change only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from uhashring import HashRing
+
+from gateway.config import ShardConfig, normalized_config
+
+# Bounded so that a flood of distinct keys costs memory we chose, not memory an attacker chose.
+DEFAULT_CACHE_SIZE = 100_000
+
+
+def config_epoch(config: ShardConfig) -> str:
+    """Stable digest of the normalized config: equal configs give equal epochs on every replica."""
+    canonical = json.dumps(normalized_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def ring_epoch_inputs(config: ShardConfig) -> dict[str, dict[str, int]]:
+    """The exact ``nodes`` argument of the contract's recipe."""
+    return {g.name: {"weight": g.weight, "vnodes": config.ring.vnodes} for g in config.groups}
+
+
+class ShardRing:
+    """Immutable ketama ring of group names with a bounded lookup cache.
+
+    ``owner`` is the contract's recipe. ``cached_owner``/``remember`` serve the router, which
+    keys the cache on the raw header bytes it already holds (only validated keys are stored,
+    so a hit skips validation, decoding and hashing: one dict lookup).
+    """
+
+    __slots__ = ("_cache", "_cache_size", "_ring", "groups", "hits", "misses", "points")
+
+    def __init__(self, config: ShardConfig, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self._ring = HashRing(nodes=ring_epoch_inputs(config), hash_fn="ketama")
+        self._cache: dict[bytes, str] = {}
+        self._cache_size = cache_size
+        self.groups: tuple[str, ...] = tuple(g.name for g in config.groups)
+        self.points: int = len(self._ring.get_points())
+        self.hits = 0
+        self.misses = 0
+
+    def owner(self, key: str) -> str:
+        """The group that owns ``key`` (already stripped of surrounding whitespace)."""
+        return self._ring.get_node(key)
+
+    def cached_owner(self, raw_key: bytes) -> str | None:
+        group = self._cache.get(raw_key)
+        if group is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return group
+
+    def remember(self, raw_key: bytes, group: str) -> None:
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            # Dropping everything is O(1) amortised and keeps the hot path branch-free;
+            # a hot working set refills within a few requests.
+            cache.clear()
+        cache[raw_key] = group
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "groups": len(self.groups),
+            "points": self.points,
+            "cache_entries": len(self._cache),
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+        }
+
+    def share_by_group(self) -> dict[str, float]:
+        """Fraction of the hash space each group owns (from the continuum, not sampling)."""
+        points = sorted(self._ring.get_points())
+        if not points:
+            return {}
+        space = 2**32
+        share = dict.fromkeys(self.groups, 0)
+        previous = points[-1][0] - space
+        for position, name in points:
+            share[name] += position - previous
+            previous = position
+        return {name: round(width / space, 6) for name, width in share.items()}

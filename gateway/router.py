@@ -1,0 +1,158 @@
+"""Request -> routing decision: read/write classification, shard key, owner group, pod choice.
+
+Pure functions over an immutable ``Topology`` snapshot; no I/O, no logging on the hot path.
+Strict ownership lives here: a write's candidate set is only ever its owner group's ready pods.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from gateway.topology import GroupView, Pod, Topology
+
+MAX_KEY_BYTES = 256
+_CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
+_WHITESPACE = b" \t"
+_WRITE = b"write"
+
+
+class Refusal:
+    """A request the gateway answers itself, with the contract's JSON error."""
+
+    __slots__ = ("code", "detail", "group", "retry_after", "status")
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        retry_after: int | None = None,
+        group: str | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+        self.group = group  # the owner group, when one is known (sent as X-Shard-Group)
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.status}, {self.code!r})"
+
+
+class Decision:
+    """Where a request may go: ``candidates`` is the whole allowed set (used again on retry)."""
+
+    __slots__ = ("candidates", "group", "is_write")
+
+    def __init__(self, is_write: bool, group: str | None, candidates: tuple[Pod, ...]) -> None:
+        self.is_write = is_write
+        self.group = group  # owner group for writes and owner reads; None for "any pod" reads
+        self.candidates = candidates
+
+
+MISSING_KEY = Refusal(400, "missing_shard_key", "a write needs the shard key header")
+NOT_READY = Refusal(503, "not_ready", "no shard config is loaded yet")
+NO_READY_POD = Refusal(503, "shard_unavailable", "no shard group has a ready pod", retry_after=1)
+
+
+def invalid_key(reason: str) -> Refusal:
+    return Refusal(400, "invalid_shard_key", reason)
+
+
+def shard_unavailable(group: str) -> Refusal:
+    return Refusal(
+        503, "shard_unavailable", f"shard group {group} has no ready pod; writes are not rerouted", 1, group
+    )
+
+
+def is_write(topology: Topology, method: bytes, operation: bytes | None) -> bool:
+    """Methods decide; the operation header can only turn a read into a write, never back."""
+    if method in topology.write_methods:
+        return True
+    return operation is not None and operation.strip(_WHITESPACE).lower() == _WRITE
+
+
+def owner_group(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
+    """Owner of a raw key header value; validates the key on a cache miss only."""
+    ring = topology.ring
+    name = ring.cached_owner(raw_key)
+    if name is None:
+        key = raw_key.strip(_WHITESPACE)
+        if not key:
+            return MISSING_KEY
+        if len(key) > MAX_KEY_BYTES:
+            return invalid_key(f"shard key is longer than {MAX_KEY_BYTES} bytes")
+        if _CONTROL_CHARS.search(key):
+            return invalid_key("shard key contains control characters")
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return invalid_key("shard key is not valid UTF-8")
+        name = ring.owner(text)
+        ring.remember(raw_key, name)
+    return topology.groups[name]
+
+
+def decide(
+    topology: Topology | None, method: bytes, raw_key: bytes | None, operation: bytes | None
+) -> Decision | Refusal:
+    if topology is None:
+        return NOT_READY
+    write = is_write(topology, method, operation)
+    owner: GroupView | None = None
+    if raw_key is not None:
+        found = owner_group(topology, raw_key)
+        if isinstance(found, Refusal):
+            if write or found is not MISSING_KEY:
+                return found
+        else:
+            owner = found
+    if write:
+        if owner is None:
+            return MISSING_KEY
+        if not owner.ready:
+            return shard_unavailable(owner.name)
+        return Decision(True, owner.name, owner.ready)
+    reads = topology.reads
+    if owner is not None and reads != "any":
+        if owner.ready:
+            return Decision(False, owner.name, owner.ready)
+        if reads == "owner":
+            return shard_unavailable(owner.name)
+    if not topology.ready:
+        return NO_READY_POD
+    return Decision(False, None, topology.ready)
+
+
+def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod | None:
+    """Power of two choices on in-flight requests: near least-loaded at O(1) cost."""
+    count = len(candidates)
+    if count == 1:
+        pod = candidates[0]
+        return None if pod is exclude or not pod.eligible else pod
+    if exclude is not None or count == 0:
+        candidates = tuple(p for p in candidates if p is not exclude and p.eligible)
+        count = len(candidates)
+        if count == 0:
+            return None
+        if count == 1:
+            return candidates[0]
+    if count == 2:
+        first, second = candidates
+    else:
+        i = int(random.random() * count)
+        j = int(random.random() * (count - 1))
+        if j >= i:
+            j += 1
+        first, second = candidates[i], candidates[j]
+    # A pod may have left the eligible set after this snapshot was taken (drain): skip it.
+    if not first.eligible:
+        return second if second.eligible else None
+    if not second.eligible:
+        return first
+    if first.inflight < second.inflight:
+        return first
+    if second.inflight < first.inflight:
+        return second
+    return first if random.random() < 0.5 else second

@@ -1,0 +1,234 @@
+"""Immutable topology snapshots: config + ring + pods per group, swapped atomically.
+
+Discovery produces ``DiscoveredPod`` lists per group; ``TopologyBuilder`` turns them into a
+``Topology`` snapshot that the data plane reads without locks (one attribute read per request).
+``Pod`` objects are the one mutable, long-lived part: they carry the in-flight counter and the
+idle connection pool, so the builder reuses them across snapshots for the same address.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gateway.config import ShardConfig
+from gateway.ring import ShardRing, config_epoch
+
+log = logging.getLogger("shardgate.topology")
+
+
+class PodState(StrEnum):
+    READY = "ready"
+    NOT_READY = "not_ready"
+    TERMINATING = "terminating"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveredPod:
+    host: str
+    port: int
+    state: PodState = PodState.READY
+    name: str | None = None  # pod name (EndpointSlice targetRef), for debug output
+
+
+class Pod:
+    """A pod address inside one group. Identity: (group, host, port)."""
+
+    __slots__ = (
+        "address",
+        "closer",
+        "connections",
+        "group",
+        "host",
+        "idle",
+        "inflight",
+        "name",
+        "port",
+        "requests",
+        "state",
+    )
+
+    def __init__(self, group: str, host: str, port: int) -> None:
+        self.group = group
+        self.host = host
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.name: str | None = None
+        self.state = PodState.READY
+        self.inflight = 0  # requests being proxied to this pod now
+        self.requests = 0  # requests ever sent (for debug and tests)
+        self.connections = 0  # open upstream connections (idle + busy)
+        self.idle: list = []  # idle keep-alive connections; managed by gateway.proxy.upstream
+        # Set by the data plane: called when the pod leaves the eligible set so that idle
+        # pooled connections are closed at once.
+        self.closer: Callable[[Pod], None] | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.state is PodState.READY
+
+    def __repr__(self) -> str:
+        return f"Pod({self.group}, {self.address}, {self.state})"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    name: str
+    weight: int
+    source: str  # "endpoints" or "service:<name>"
+    pods: tuple[Pod, ...]
+    ready: tuple[Pod, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Everything the router needs for one request, precomputed in the forms it compares."""
+
+    config: ShardConfig
+    ring: ShardRing
+    epoch: str
+    groups: Mapping[str, GroupView]
+    ready: tuple[Pod, ...]  # every ready pod of every group (reads: any)
+    key_header: bytes  # lower-case header names, as the parser hands them over
+    operation_header: bytes | None
+    write_methods: frozenset[bytes]
+    reads: str
+    created: float = field(default_factory=time.time)
+
+    @property
+    def epoch_bytes(self) -> bytes:
+        return self.epoch.encode()
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready view for /debug/ring."""
+        shares = self.ring.share_by_group()
+        return {
+            "epoch": self.epoch,
+            "created": self.created,
+            "routing": self.config.routing.model_dump(mode="json"),
+            "ring": {**self.ring.stats(), "vnodes": self.config.ring.vnodes, "share": shares},
+            "groups": [
+                {
+                    "name": g.name,
+                    "weight": g.weight,
+                    "source": g.source,
+                    "ready_pods": len(g.ready),
+                    "pods": [
+                        {
+                            "address": p.address,
+                            "name": p.name,
+                            "state": str(p.state),
+                            "inflight": p.inflight,
+                            "connections": p.connections,
+                            "idle_connections": len(p.idle),
+                            "requests": p.requests,
+                        }
+                        for p in g.pods
+                    ],
+                }
+                for g in self.groups.values()
+            ],
+        }
+
+
+class TopologyBuilder:
+    """Builds snapshots, reusing Pod objects and the ring when they are unchanged."""
+
+    def __init__(self, on_retire: Callable[[Pod], None] | None = None) -> None:
+        # Called when a pod leaves the eligible set, so the data plane can close its idle
+        # pooled connections at once (busy ones close when their exchange ends).
+        self._on_retire = on_retire
+        self._pods: dict[tuple[str, str, int], Pod] = {}
+        self._ring: ShardRing | None = None
+        self._ring_inputs: object = None
+
+    def build(
+        self,
+        config: ShardConfig,
+        discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None,
+    ) -> Topology:
+        """Snapshot for ``config``; ``discovered`` gives pods of ``service:`` groups by group name."""
+        discovered = discovered or {}
+        ring_inputs = (config.ring.vnodes, tuple((g.name, g.weight) for g in config.groups))
+        if self._ring is None or ring_inputs != self._ring_inputs:
+            self._ring = ShardRing(config)
+            self._ring_inputs = ring_inputs
+        seen: set[tuple[str, str, int]] = set()
+        groups: dict[str, GroupView] = {}
+        all_ready: list[Pod] = []
+        for group in config.groups:
+            if group.endpoints is not None:
+                found = [DiscoveredPod(host, port) for host, port in group.addresses]
+                source = "endpoints"
+            else:
+                found = list(discovered.get(group.name, ()))
+                source = f"service:{group.service}"
+            pods: list[Pod] = []
+            for item in found:
+                ident = (group.name, item.host, item.port)
+                if ident in seen:
+                    continue  # the same endpoint reported twice (e.g. two slices) counts once
+                seen.add(ident)
+                pod = self._pods.get(ident)
+                if pod is None:
+                    pod = self._pods[ident] = Pod(group.name, item.host, item.port)
+                    pod.closer = self._on_retire
+                pod.name = item.name
+                self._set_state(pod, item.state)
+                pods.append(pod)
+            ready = tuple(p for p in pods if p.state is PodState.READY)
+            all_ready.extend(ready)
+            groups[group.name] = GroupView(group.name, group.weight, source, tuple(pods), ready)
+        for ident in [i for i in self._pods if i not in seen]:
+            self._set_state(self._pods.pop(ident), PodState.REMOVED)
+        routing = config.routing
+        return Topology(
+            config=config,
+            ring=self._ring,
+            epoch=config_epoch(config),
+            groups=groups,
+            ready=tuple(all_ready),
+            key_header=routing.key_header.lower().encode(),
+            operation_header=routing.operation_header.lower().encode() if routing.operation_header else None,
+            write_methods=frozenset(m.encode() for m in routing.write_methods),
+            reads=routing.reads,
+        )
+
+    @staticmethod
+    def _set_state(pod: Pod, state: PodState) -> None:
+        was_eligible = pod.state is PodState.READY
+        pod.state = state
+        if was_eligible and state is not PodState.READY and pod.closer is not None:
+            pod.closer(pod)
+
+
+class TopologyHolder:
+    """The current snapshot plus change listeners; the data plane reads ``.current``."""
+
+    def __init__(self) -> None:
+        self.current: Topology | None = None
+        self.swaps = 0
+        self.last_swap: float | None = None
+        self._listeners: list[Callable[[Topology], None]] = []
+
+    def subscribe(self, listener: Callable[[Topology], None]) -> None:
+        self._listeners.append(listener)
+
+    def swap(self, topology: Topology) -> None:
+        previous = self.current
+        self.current = topology
+        self.swaps += 1
+        self.last_swap = time.time()
+        if previous is None or previous.epoch != topology.epoch:
+            log.info(
+                "topology epoch %s: %d groups, %d ready pods",
+                topology.epoch,
+                len(topology.groups),
+                len(topology.ready),
+            )
+        for listener in self._listeners:
+            listener(topology)
