@@ -6,6 +6,7 @@ The shard config is validated with pydantic v2; every problem is reported as one
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -23,11 +24,11 @@ from pydantic import (
 )
 
 # RFC 9110 token characters: what a method or a header field name may contain.
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
-_PORT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
-_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z")
+_PORT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?\Z")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)\Z")
 
 
 class ConfigError(Exception):
@@ -51,7 +52,12 @@ def parse_host_port(value: str) -> tuple[str, int]:
         raise ValueError(f"{value!r} is not host:port")
     if not _HOST_RE.match(host):
         raise ValueError(f"{value!r} has an invalid host {host!r}")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid IPv6 address {host!r}") from None
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{value!r} has an invalid port {port_text!r} (1-65535)")
     return host.strip("[]"), int(port_text)
 
@@ -62,7 +68,8 @@ class _Strict(BaseModel):
 
 class RoutingConfig(_Strict):
     key_header: str = "User-ID"
-    write_methods: tuple[str, ...] = ("POST", "PUT", "PATCH", "DELETE")
+    # Sorted, as the validator normalises an explicit list: equal configs, equal epochs.
+    write_methods: tuple[str, ...] = ("DELETE", "PATCH", "POST", "PUT")
     operation_header: str | None = "Operation-Type"
     missing_key: Literal["reject"] = "reject"
     reads: Literal["any", "owner", "owner-preferred"] = "any"
@@ -85,12 +92,12 @@ class RoutingConfig(_Strict):
 
 
 class RingConfig(_Strict):
-    vnodes: Annotated[int, Field(ge=1, le=4096)] = 160
+    vnodes: Annotated[int, Field(ge=1, le=4096, strict=True)] = 160
 
 
 class GroupConfig(_Strict):
     name: str
-    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    weight: Annotated[int, Field(ge=1, le=1000, strict=True)] = 1
     service: str | None = None
     port: int | str | None = None
     endpoints: tuple[str, ...] | None = None
@@ -115,6 +122,8 @@ class GroupConfig(_Strict):
     @field_validator("port")
     @classmethod
     def _port(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, bool):
+            raise ValueError("port must be a number or a port name, not a boolean")
         if isinstance(value, int) and not 1 <= value <= 65535:
             raise ValueError(f"port {value} is out of range (1-65535)")
         if isinstance(value, str) and not _PORT_NAME_RE.match(value):
@@ -159,10 +168,18 @@ class ShardConfig(_Strict):
         if not value:
             raise ValueError("at least one group is required")
         seen: set[str] = set()
+        owners: dict[str, str] = {}
         for group in value:
             if group.name in seen:
                 raise ValueError(f"group name {group.name!r} is used more than once")
             seen.add(group.name)
+            for endpoint in group.endpoints or ():
+                # One pod in two groups would take writes for both: the conflict we prevent.
+                if endpoint in owners:
+                    raise ValueError(
+                        f"endpoint {endpoint} is in both {owners[endpoint]!r} and {group.name!r}"
+                    )
+                owners[endpoint] = group.name
         return value
 
 
@@ -175,10 +192,25 @@ def _format_errors(error: ValidationError) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_shard_config(text: str | bytes) -> ShardConfig:
     """Parse and validate one shards.yaml document; raise ConfigError with every problem."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(document)"
@@ -227,7 +259,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise ConfigError([f"{name}: {raw!r} is not a non-negative integer"])
     return int(raw)
 
@@ -312,8 +344,9 @@ def settings_from(
             problems.append(f"{name}: {exc}")
             return ("0.0.0.0", 0)
 
-    config_path = config_path or env.get("SHARDGATE_CONFIG") or None
-    configmap = configmap or env.get("SHARDGATE_CONFIGMAP") or None
+    if not config_path and not configmap:  # a source given as a flag overrides both variables
+        config_path = env.get("SHARDGATE_CONFIG") or None
+        configmap = env.get("SHARDGATE_CONFIGMAP") or None
     if config_path and configmap:
         problems.append("config: give either --config or --configmap, not both")
     if not config_path and not configmap:

@@ -147,10 +147,11 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
             j += 1
         first, second = candidates[i], candidates[j]
     # A pod may have left the eligible set after this snapshot was taken (drain): skip it.
-    if not first.eligible:
-        return second if second.eligible else None
-    if not second.eligible:
-        return first
+    if not (first.eligible and second.eligible):
+        if first.eligible or second.eligible:
+            return first if first.eligible else second
+        eligible = tuple(p for p in candidates if p.eligible)
+        return choose_pod(eligible) if eligible else None
     if first.inflight < second.inflight:
         return first
     if second.inflight < first.inflight:
