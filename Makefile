@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system-deps
+
+# Programs the tests and benchmarks drive (real nginx/HAProxy/wrk, not mocks). Installed with
+# apt-get when missing and we are root; otherwise the tests that need them say why they skip.
+SYSTEM_TOOLS := nginx haproxy wrk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +21,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/shardgate demo
 
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "missing$$missing and cannot apt-get: tests that need them will be skipped"; fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
-test: $(STAMP) lint
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)

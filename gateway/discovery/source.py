@@ -1,0 +1,94 @@
+"""What every config source shares: validate a shard-config document, swap in topologies,
+and report rejections (DESIGN invariant 5: a bad config never replaces a good one)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.config import ConfigError, ShardConfig, parse_shard_config
+from gateway.observability.metrics import Metrics
+from gateway.topology import DiscoveredPod, TopologyBuilder, TopologyHolder
+
+log = logging.getLogger("shardgate.config")
+
+
+@dataclass
+class ConfigStatus:
+    """What /debug/ring reports about the config source."""
+
+    source: str
+    loaded_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    problems: list[str] = field(default_factory=list)
+    note: str | None = None  # e.g. "configmap deleted: keeping the last good config"
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "loaded_at": self.loaded_at,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "problems": self.problems,
+            "note": self.note,
+        }
+
+
+class ConfigApplier:
+    def __init__(
+        self, source: str, builder: TopologyBuilder, holder: TopologyHolder, metrics: Metrics
+    ) -> None:
+        self.status = ConfigStatus(source=source)
+        self.config: ShardConfig | None = None
+        self._builder = builder
+        self._holder = holder
+        self._metrics = metrics
+        self._digest: str | None = None
+
+    def parse(self, text: str | bytes) -> ShardConfig | None:
+        """A new valid config, or None when the text is unchanged or invalid (then reported)."""
+        raw = text.encode() if isinstance(text, str) else text
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self._digest:
+            self._metrics.reload("unchanged")
+            return None
+        self._digest = digest
+        try:
+            return parse_shard_config(raw)
+        except ConfigError as exc:
+            self.reject(exc.problems)
+            return None
+
+    def apply(
+        self, config: ShardConfig, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None
+    ) -> None:
+        """Make ``config`` the one in force (a new epoch when it differs)."""
+        self.config = config
+        self.rebuild(discovered)
+        self._metrics.reload("applied")
+        self.status.loaded_at = time.time()
+        self.status.last_error = None
+        self.status.problems = []
+        self.status.note = None
+
+    def rebuild(self, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None) -> None:
+        """New snapshot of the config in force with the pods discovery knows now."""
+        if self.config is not None:
+            self._holder.swap(self._builder.build(self.config, discovered))
+
+    def reject(self, problems: list[str]) -> None:
+        self._metrics.reload("rejected")
+        self.status.problems = problems
+        self.status.last_error = "; ".join(problems)
+        self.status.last_error_at = time.time()
+        kept = "keeping the last good config" if self.config is not None else "no config loaded yet"
+        for problem in problems:
+            log.error("shard config rejected (%s): %s", kept, problem)
+
+    def forget_digest(self) -> None:
+        """Make the next parse of the same text count as new (after the source went away)."""
+        self._digest = None
