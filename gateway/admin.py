@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
-from gateway.observability.metrics import GatewayCollector, Metrics
+from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
 from gateway.router import MAX_KEY_BYTES
 from gateway.topology import TopologyHolder
 
@@ -31,13 +31,14 @@ class AdminApp:
         metrics: Metrics,
         is_draining: Callable[[], bool],
         config_status: Callable[[], dict[str, object]],
+        watches: Callable[[], Iterable[WatchView]] = tuple,
     ) -> None:
         self._holder = holder
         self._is_draining = is_draining
         self._config_status = config_status
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        self.registry.register(GatewayCollector(metrics, lambda: holder.current))
+        self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches))
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)

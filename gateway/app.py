@@ -12,12 +12,14 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable, Iterable
 
 import uvloop
 from aiohttp import web
 
 from gateway.admin import AdminApp
 from gateway.config import ConfigError, Settings
+from gateway.discovery.kubernetes import KubernetesSource, WatchStatus
 from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
 from gateway.proxy.context import ProxyContext
@@ -38,24 +40,34 @@ class Gateway:
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.ctx: ProxyContext | None = None
-        self.source: StaticFileSource | None = None
+        self.source: StaticFileSource | KubernetesSource | None = None
         self._server: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         settings = self.settings
         loop = asyncio.get_running_loop()
-        if settings.config_path is None:
-            raise ConfigError(
-                ["--configmap: the Kubernetes config source is not available in this build yet"]
+        self.holder.subscribe(self._count_swap)
+        watches: Callable[[], Iterable[WatchStatus]] = tuple
+        if settings.config_path is not None:
+            static = StaticFileSource(
+                settings.config_path, self.builder, self.holder, self.metrics, settings.config_poll_interval
             )
-        self.source = StaticFileSource(
-            settings.config_path, self.builder, self.holder, self.metrics, settings.config_poll_interval
-        )
-        self.source.load_initial()
+            static.load_initial()  # a bad file at start is an operator error: fail fast
+            self.source = static
+            describe_source = static.status.describe
+        else:
+            # No config yet is normal in a cluster (readyz says 503 until the ConfigMap arrives).
+            assert settings.configmap is not None
+            kube = KubernetesSource(
+                settings.configmap, settings.namespace, self.builder, self.holder, self.metrics
+            )
+            self.source = kube
+            describe_source = kube.describe
+            watches = kube.watch_statuses
         ctx = self.ctx = ProxyContext(loop, self.holder, self.metrics, settings.limits)
 
-        admin = AdminApp(self.holder, self.metrics, lambda: self.draining, self.source.status.describe)
+        admin = AdminApp(self.holder, self.metrics, lambda: self.draining, describe_source, watches)
         self._admin_runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
         admin_socket = socket.create_server(settings.admin_listen, reuse_port=False)
@@ -79,6 +91,9 @@ class Gateway:
             *self.admin_address,
             self.holder.current.epoch if self.holder.current else None,
         )
+
+    def _count_swap(self, topology: object) -> None:
+        self.metrics.topology_swaps += 1
 
     def reload_config(self) -> None:
         if self.source is not None:

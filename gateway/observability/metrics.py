@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,6 +29,16 @@ DURATION_BOUNDS: tuple[float, ...] = (
 )  # fmt: skip
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NO_GROUP = "none"  # label for requests refused before a group was known
+
+
+class WatchView(Protocol):
+    """What the collector reads of a discovery watch (gateway.discovery.kubernetes.WatchStatus)."""
+
+    resource: str
+    up: bool
+    last_event_at: float | None
+    reconnects: int
+    relists: int
 
 
 class RouteStats:
@@ -62,6 +73,7 @@ class Metrics:
         self.upstream_retries = 0
         self.client_connections_open = 0
         self.client_connections_total = 0
+        self.topology_swaps = 0
 
     def route(self, group: str, write: bool) -> RouteStats:
         table = self._writes if write else self._reads
@@ -88,9 +100,15 @@ class Metrics:
 class GatewayCollector(Collector):
     """Builds the shardgate_* families from ``Metrics`` and the current topology at scrape time."""
 
-    def __init__(self, metrics: Metrics, topology: Callable[[], Topology | None]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        topology: Callable[[], Topology | None],
+        watches: Callable[[], Iterable[WatchView]] = tuple,
+    ) -> None:
         self._metrics = metrics
         self._topology = topology
+        self._watches = watches
 
     def collect(self) -> Iterator[object]:
         m = self._metrics
@@ -151,6 +169,10 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "shardgate_client_connections", "Open client connections.", value=m.client_connections_open
         )
+        yield CounterMetricFamily(
+            "shardgate_topology_swaps", "Topology snapshots swapped in.", value=m.topology_swaps
+        )
+        yield from self._discovery()
 
         topology = self._topology()
         if topology is None:
@@ -176,6 +198,38 @@ class GatewayCollector(Collector):
                 pods.add_metric([group.name, str(state)], value)
         yield pods
         yield inflight
+
+    def _discovery(self) -> Iterator[object]:
+        watches = list(self._watches())
+        if not watches:
+            return
+        up = GaugeMetricFamily(
+            "shardgate_discovery_watch_up",
+            "1 while the watch reaches the API server; 0 while routing on the last known state.",
+            labels=["resource"],
+        )
+        reconnects = CounterMetricFamily(
+            "shardgate_discovery_reconnects", "Watch failures followed by a retry.", labels=["resource"]
+        )
+        relists = CounterMetricFamily(
+            "shardgate_discovery_relists", "Re-lists after 410 Gone.", labels=["resource"]
+        )
+        age = GaugeMetricFamily(
+            "shardgate_discovery_last_event_age_seconds",
+            "Seconds since the watch last delivered an event (bookmarks included).",
+            labels=["resource"],
+        )
+        now = time.time()
+        for watch in watches:
+            up.add_metric([watch.resource], 1.0 if watch.up else 0.0)
+            reconnects.add_metric([watch.resource], watch.reconnects)
+            relists.add_metric([watch.resource], watch.relists)
+            if watch.last_event_at is not None:
+                age.add_metric([watch.resource], max(0.0, now - watch.last_event_at))
+        yield up
+        yield reconnects
+        yield relists
+        yield age
 
 
 def _bound_label(bound: float) -> str:

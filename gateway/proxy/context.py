@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from gateway.proxy.server import ClientConnection
     from gateway.proxy.upstream import UpstreamConnection
 
+# Reasons to stop reading from a client (bit flags; reading resumes when none is left).
+BLOCK_PIPELINE = 1  # an earlier request is still being answered
+BLOCK_UPSTREAM = 2  # the upstream's write buffer is full
+BLOCK_PENDING = 4  # too much body buffered while the upstream connection is being set up
+BLOCK_BROKEN = 8  # nothing more is read on this connection
+
 
 class HasDeadline(Protocol):
     deadline: float

@@ -17,7 +17,13 @@ from collections import deque
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from gateway.proxy.context import ProxyContext
+from gateway.proxy.context import (
+    BLOCK_BROKEN,
+    BLOCK_PENDING,
+    BLOCK_PIPELINE,
+    BLOCK_UPSTREAM,
+    ProxyContext,
+)
 from gateway.proxy.http import (
     CONNECTION_OPTIONS,
     CONTINUE_RESPONSE,
@@ -32,11 +38,6 @@ from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connec
 from gateway.router import Decision, Refusal, choose_pod, decide
 from gateway.topology import Pod
 
-# Reasons to stop reading from a client (bit flags; reading resumes when none is left).
-BLOCK_PIPELINE = 1  # an earlier request is still being answered
-BLOCK_UPSTREAM = 2  # the upstream's write buffer is full
-BLOCK_PENDING = 4  # too much body buffered while the upstream connection is being set up
-BLOCK_BROKEN = 8  # nothing more is read on this connection
 PENDING_LIMIT = 256 * 1024
 CLIENT_CLOSED = 499  # nginx's code for "client went away", used in metrics only
 
@@ -161,8 +162,9 @@ class Exchange:
             return False
         if not self.sent:
             return True
-        # Bytes were handed to the upstream: only a bodiless idempotent read may go again.
-        return self.idempotent and self.body_bytes == 0
+        # Bytes were handed to the upstream: only a bodiless idempotent read may go again
+        # (its whole request is the head, which is kept).
+        return self.idempotent and self.body_bytes == 0 and not self.chunked
 
     def _try_again(self, exclude: Pod | None) -> None:
         self._leave_pod()
@@ -567,6 +569,7 @@ class ClientConnection(asyncio.Protocol):
     def abort_exchange(self, exchange: Exchange) -> None:
         """A response already under way cannot be completed: cut the client off, never fake it."""
         exchange._leave_pod()
+        exchange.response_done = True
         if exchange.upstream is not None:
             exchange.upstream.abort()
             exchange.upstream = None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
 
+from gateway.proxy.context import BLOCK_UPSTREAM
 from gateway.proxy.http import CONNECTION_OPTIONS, HOP_BY_HOP, LAST_CHUNK
 from gateway.topology import Pod
 
@@ -93,11 +94,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.block_reading(2)
+            self.exchange.client.block_reading(BLOCK_UPSTREAM)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.unblock_reading(2)
+            self.exchange.client.unblock_reading(BLOCK_UPSTREAM)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
