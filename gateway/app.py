@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.admin import AdminApp
 from gateway.config import ConfigError, Settings
-from gateway.discovery.kubernetes import KubernetesSource, WatchStatus
+from gateway.discovery.kubernetes import KubernetesSource, WatchStatus, WatchTiming
 from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
 from gateway.proxy.context import ProxyContext
@@ -60,7 +60,14 @@ class Gateway:
             # No config yet is normal in a cluster (readyz says 503 until the ConfigMap arrives).
             assert settings.configmap is not None
             kube = KubernetesSource(
-                settings.configmap, settings.namespace, self.builder, self.holder, self.metrics
+                settings.configmap,
+                settings.namespace,
+                self.builder,
+                self.holder,
+                self.metrics,
+                timing=WatchTiming(
+                    watch_timeout=settings.watch_timeout, backoff_max=settings.watch_backoff_max
+                ),
             )
             self.source = kube
             describe_source = kube.describe

@@ -311,6 +311,8 @@ class Settings:
     drain_delay: float = 5.0
     grace_timeout: float = 20.0
     config_poll_interval: float = 1.0
+    watch_timeout: float = 300.0  # server-side timeout of one Kubernetes watch call
+    watch_backoff_max: float = 30.0  # cap of the retry delay while the API server fails
     limits: Limits = field(default_factory=Limits)
 
 
@@ -361,9 +363,11 @@ def settings_from(
         limits = Limits.from_env(env)
         drain = _env_float(env, "SHARDGATE_DRAIN_DELAY", 5.0)
         grace = _env_float(env, "SHARDGATE_GRACE_TIMEOUT", 20.0)
+        watch_timeout = _env_float(env, "SHARDGATE_WATCH_TIMEOUT", 300.0)
+        backoff_max = _env_float(env, "SHARDGATE_WATCH_BACKOFF_MAX", 30.0)
     except ConfigError as exc:
         problems.extend(exc.problems)
-        worker_count, limits, drain, grace = 1, Limits(), 5.0, 20.0
+        worker_count, limits, drain, grace, watch_timeout, backoff_max = 1, Limits(), 5.0, 20.0, 300.0, 30.0
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -375,5 +379,7 @@ def settings_from(
         workers=worker_count,
         drain_delay=drain,
         grace_timeout=grace,
+        watch_timeout=watch_timeout,
+        watch_backoff_max=backoff_max,
         limits=limits,
     )
