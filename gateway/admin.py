@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import socket
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 
 from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
 from gateway.router import MAX_KEY_BYTES
-from gateway.topology import TopologyHolder
+from gateway.topology import Pod, TopologyHolder
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -32,13 +33,21 @@ class AdminApp:
         is_draining: Callable[[], bool],
         config_status: Callable[[], dict[str, object]],
         watches: Callable[[], Iterable[WatchView]] = tuple,
+        *,
+        workers_ready: Callable[[], str | None] = lambda: None,
+        before_scrape: Callable[[], Awaitable[None]] | None = None,
+        inflight: Callable[[Pod], int] | None = None,
+        extra_debug: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._holder = holder
         self._is_draining = is_draining
         self._config_status = config_status
+        self._workers_ready = workers_ready  # None when fine, else why not ready
+        self._before_scrape = before_scrape
+        self._extra_debug = extra_debug
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches))
+        self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches, inflight))
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -55,15 +64,22 @@ class AdminApp:
             return _json({"status": "draining"}, 503)
         if self._holder.current is None:
             return _json({"status": "no shard config loaded"}, 503)
+        problem = self._workers_ready()
+        if problem is not None:
+            return _json({"status": problem}, 503)
         return _json({"status": "ready", "epoch": self._holder.current.epoch})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self._before_scrape is not None:
+            await self._before_scrape()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def debug_ring(self, request: web.Request) -> web.Response:
         topology = self._holder.current
         data: dict[str, object] = {"config": self._config_status(), "draining": self._is_draining()}
+        if self._extra_debug is not None:
+            data.update(self._extra_debug())
         if topology is None:
             data.update({"epoch": None, "groups": [], "ring": None})
         else:
@@ -89,3 +105,22 @@ class AdminApp:
                 "ready_pods": [pod.address for pod in group.ready],
             }
         )
+
+
+class AdminServer:
+    """The admin app bound to its own socket (port 0 allowed: ``address`` says what was bound)."""
+
+    def __init__(self, runner: web.AppRunner, address: tuple[str, int]) -> None:
+        self._runner = runner
+        self.address = address
+
+    @classmethod
+    async def start(cls, admin: AdminApp, listen: tuple[str, int]) -> AdminServer:
+        runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        sock = socket.create_server(listen, reuse_port=False)
+        await web.SockSite(runner, sock).start()
+        return cls(runner, sock.getsockname()[:2])
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

@@ -274,7 +274,9 @@ class Limits:
     upstream_header_timeout: float = 30.0
     client_header_timeout: float = 10.0
     client_idle_timeout: float = 60.0
-    upstream_idle_timeout: float = 30.0
+    # Below the keep-alive timeout of common app servers (uvicorn 5 s, Node 5 s), so that the
+    # gateway, not the upstream, usually closes an idle connection.
+    upstream_idle_timeout: float = 4.0
     max_idle_per_pod: int = 64
 
     @classmethod

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway.topology import PodState, Topology
+from gateway.topology import Pod, PodState, Topology
 
 # Seconds. Dense at the low end, where a proxy's own latency lives.
 DURATION_BOUNDS: tuple[float, ...] = (
@@ -74,6 +74,8 @@ class Metrics:
         self.client_connections_open = 0
         self.client_connections_total = 0
         self.topology_swaps = 0
+        self.worker_restarts = 0
+        self.workers_ready: int | None = None  # set by the supervisor of --workers N
 
     def route(self, group: str, write: bool) -> RouteStats:
         table = self._writes if write else self._reads
@@ -90,6 +92,46 @@ class Metrics:
         if result in ("applied", "unchanged"):
             self.last_reload_success = time.time()
 
+    # Counters a worker process reports to the supervisor, which sums them (see gateway.workers).
+    _SUMMED = (
+        "upstream_connects",
+        "upstream_connect_failures",
+        "upstream_retries",
+        "client_connections_open",
+        "client_connections_total",
+    )
+
+    def snapshot(self) -> dict[str, object]:
+        """Plain-data copy of the data-plane counters, for another process to merge."""
+        return {
+            "routes": [
+                [group, kind, stats.codes, stats.buckets, stats.total_seconds]
+                for group, kind, stats in self.routes()
+            ],
+            "refusals": dict(self.refusals),
+            "counters": {name: getattr(self, name) for name in self._SUMMED},
+        }
+
+    def reset_data_plane(self) -> None:
+        """Zero what ``merge`` adds up, keeping control-plane counters (reloads, swaps)."""
+        self._reads.clear()
+        self._writes.clear()
+        self.refusals.clear()
+        for name in self._SUMMED:
+            setattr(self, name, 0)
+
+    def merge(self, snapshot: dict[str, object]) -> None:
+        """Add a worker's ``snapshot`` into this (supervisor-side) object."""
+        for group, kind, codes, buckets, total in snapshot["routes"]:  # type: ignore[attr-defined]
+            stats = self.route(group, kind == "write")
+            stats.codes = [a + b for a, b in zip(stats.codes, codes, strict=True)]
+            stats.buckets = [a + b for a, b in zip(stats.buckets, buckets, strict=True)]
+            stats.total_seconds += total
+        for reason, value in snapshot["refusals"].items():  # type: ignore[attr-defined]
+            self.refusals[reason] = self.refusals.get(reason, 0) + value
+        for name, value in snapshot["counters"].items():  # type: ignore[attr-defined]
+            setattr(self, name, getattr(self, name) + value)
+
     def routes(self) -> Iterator[tuple[str, str, RouteStats]]:
         for group, stats in self._reads.items():
             yield group, "read", stats
@@ -105,10 +147,12 @@ class GatewayCollector(Collector):
         metrics: Metrics,
         topology: Callable[[], Topology | None],
         watches: Callable[[], Iterable[WatchView]] = tuple,
+        inflight: Callable[[Pod], int] | None = None,
     ) -> None:
         self._metrics = metrics
         self._topology = topology
         self._watches = watches
+        self._inflight = inflight or _own_inflight
 
     def collect(self) -> Iterator[object]:
         m = self._metrics
@@ -172,6 +216,17 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily(
             "shardgate_topology_swaps", "Topology snapshots swapped in.", value=m.topology_swaps
         )
+        if m.workers_ready is not None:
+            yield GaugeMetricFamily(
+                "shardgate_workers_ready",
+                "Data-plane worker processes up and serving.",
+                value=m.workers_ready,
+            )
+            yield CounterMetricFamily(
+                "shardgate_worker_restarts",
+                "Worker processes restarted after dying.",
+                value=m.worker_restarts,
+            )
         yield from self._discovery()
 
         topology = self._topology()
@@ -193,7 +248,7 @@ class GatewayCollector(Collector):
             for pod in group.pods:
                 if pod.state in states:
                     states[pod.state] += 1
-                inflight.add_metric([group.name, pod.address], pod.inflight)
+                inflight.add_metric([group.name, pod.address], self._inflight(pod))
             for state, value in states.items():
                 pods.add_metric([group.name, str(state)], value)
         yield pods
@@ -230,6 +285,10 @@ class GatewayCollector(Collector):
         yield reconnects
         yield relists
         yield age
+
+
+def _own_inflight(pod: Pod) -> int:
+    return pod.inflight
 
 
 def _bound_label(bound: float) -> str:

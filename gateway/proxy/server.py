@@ -476,7 +476,7 @@ class ClientConnection(asyncio.Protocol):
         pod.requests += 1
         exchange.pod = pod
         exchange.group_bytes = pod.group.encode()
-        conn = acquire_idle(pod)
+        conn = acquire_idle(pod, self.ctx.loop.time())
         if conn is not None:
             self._send(exchange, conn)
         else:

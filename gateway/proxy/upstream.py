@@ -10,6 +10,7 @@ buffer a large response.
 from __future__ import annotations
 
 import asyncio
+import select
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
@@ -38,6 +39,8 @@ class UpstreamConnection(asyncio.Protocol):
         "ctx",
         "deadline",
         "exchange",
+        "fd",
+        "idle_since",
         "keep_alive",
         "parser",
         "pod",
@@ -61,6 +64,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.reused = False  # carried an earlier exchange (so it may be a stale keep-alive)
         self.until_close = False  # the response body ends when the upstream closes
+        self.idle_since = 0.0
+        self.fd = -1
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._informational = False
@@ -72,6 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports are not asyncio.Transport subclasses; they implement the same API.
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
         self.ctx.upstreams.add(self)
         self.pod.connections += 1
 
@@ -301,16 +308,42 @@ class UpstreamConnection(asyncio.Protocol):
 # -- the per-pod idle pool -------------------------------------------------------------------
 
 
-def acquire_idle(pod: Pod) -> UpstreamConnection | None:
-    """The most recently used live idle connection of ``pod`` (warm in every cache), if any."""
+def acquire_idle(pod: Pod, now: float) -> UpstreamConnection | None:
+    """The most recently used live idle connection of ``pod`` (warm in every cache), if any.
+
+    A connection that sat idle for a while is checked for a close notice the event loop has
+    not processed yet (servers close idle keep-alive connections on their own schedule);
+    sending a request into such a connection would fail after the request left us.
+    """
     idle = pod.idle
     while idle:
         conn: UpstreamConnection = idle.pop()
         transport = conn.transport
-        if not conn.closed and transport is not None and not transport.is_closing():
-            conn.reused = True
-            return conn
+        if conn.closed or transport is None or transport.is_closing():
+            continue
+        if now - conn.idle_since > STALE_CHECK_AFTER and _has_pending_input(conn.fd):
+            conn.abort()  # EOF, reset or stray bytes: nothing a new request could use
+            continue
+        conn.reused = True
+        return conn
     return None
+
+
+# Checking costs a poll() (~1-2 us); connections reused within this many seconds skip it.
+STALE_CHECK_AFTER = 0.05
+_POLLER = select.poll()
+_INPUT_EVENTS = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+
+def _has_pending_input(fd: int) -> bool:
+    """Whether an idle socket has something to read: for an idle upstream, a close or garbage."""
+    if fd < 0:
+        return False
+    _POLLER.register(fd, _INPUT_EVENTS)
+    try:
+        return bool(_POLLER.poll(0))
+    finally:
+        _POLLER.unregister(fd)
 
 
 def release(conn: UpstreamConnection, now: float) -> None:
@@ -329,6 +362,7 @@ def release(conn: UpstreamConnection, now: float) -> None:
         return
     conn.set_reading(True)  # an idle connection must read, to notice the upstream closing it
     conn.deadline = now + limits.upstream_idle_timeout
+    conn.idle_since = now
     pod.idle.append(conn)
 
 

@@ -1,0 +1,75 @@
+"""The data plane of one process: the listening socket, its connections, and their shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.config import Limits
+from gateway.observability.metrics import Metrics
+from gateway.proxy.context import ProxyContext
+from gateway.proxy.server import ClientConnection
+from gateway.topology import TopologyHolder
+
+log = logging.getLogger("shardgate")
+
+
+class DataPlane:
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        limits: Limits,
+        holder: TopologyHolder,
+        metrics: Metrics,
+        reuse_port: bool = False,
+    ) -> None:
+        self._listen = listen
+        self._limits = limits
+        self._holder = holder
+        self._metrics = metrics
+        self._reuse_port = reuse_port  # workers each bind the same port (SO_REUSEPORT)
+        self.ctx: ProxyContext | None = None
+        self.listen_address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx = ProxyContext(loop, self._holder, self._metrics, self._limits)
+        self._server = await loop.create_server(
+            lambda: ClientConnection(ctx),
+            self._listen[0],
+            self._listen[1],
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+            backlog=2048,
+        )
+        self.listen_address = self._server.sockets[0].getsockname()[:2]
+        ctx.start()
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self.ctx is None else len(self.ctx.clients)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; answer in-flight requests (Connection: close) for up to ``grace``
+        seconds while closing connections as they go idle; then close whatever is left."""
+        if self._server is not None:
+            self._server.close()
+        ctx = self.ctx
+        if ctx is None:
+            return
+        ctx.draining = True
+        ctx.close_idle_clients()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while ctx.clients and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            ctx.close_idle_clients()
+        if ctx.clients:
+            log.warning("grace timeout: closing %d connections still busy", len(ctx.clients))
+        for client in list(ctx.clients):
+            if client.transport is not None:
+                client.transport.abort()
+        for upstream in list(ctx.upstreams):
+            upstream.abort()
+        await ctx.stop()
