@@ -146,17 +146,30 @@ class TopologyBuilder:
         self._ring: ShardRing | None = None
         self._ring_inputs: object = None
 
+    @staticmethod
+    def _ring_inputs_of(config: ShardConfig) -> object:
+        return (config.ring.vnodes, tuple((g.name, g.weight) for g in config.groups))
+
+    def needs_ring(self, config: ShardConfig) -> bool:
+        """Whether ``config`` changes the ring (group set, weights, vnodes), not just pods."""
+        return self._ring is None or self._ring_inputs_of(config) != self._ring_inputs
+
     def build(
         self,
         config: ShardConfig,
         discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None,
+        ring: ShardRing | None = None,
     ) -> Topology:
-        """Snapshot for ``config``; ``discovered`` gives pods of ``service:`` groups by group name."""
+        """Snapshot for ``config``; ``discovered`` gives pods of ``service:`` groups by group name.
+
+        ``ring`` is a ring for ``config`` built beforehand (off the event loop: a large ring
+        takes a couple of hundred milliseconds); without it one is built here if needed.
+        """
         discovered = discovered or {}
-        ring_inputs = (config.ring.vnodes, tuple((g.name, g.weight) for g in config.groups))
-        if self._ring is None or ring_inputs != self._ring_inputs:
-            self._ring = ShardRing(config)
-            self._ring_inputs = ring_inputs
+        if ring is not None:
+            self._ring, self._ring_inputs = ring, self._ring_inputs_of(config)
+        elif self.needs_ring(config):
+            self._ring, self._ring_inputs = ShardRing(config), self._ring_inputs_of(config)
         seen: set[tuple[str, str, int]] = set()
         groups: dict[str, GroupView] = {}
         all_ready: list[Pod] = []

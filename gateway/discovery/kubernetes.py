@@ -11,6 +11,7 @@ While the API server is unreachable, the last known topology stays in force.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -107,7 +108,20 @@ class ResourceWatcher:
         self._on_items = on_items
         self._timing = timing
         self._stopped = threading.Event()
+
+        # Keeps the list call's signature and docstring: Watch.stream reads its return type there.
+        @functools.wraps(list_call)
+        def connected_call(*args: Any, **kwargs: Any) -> Any:
+            """The list call, noting when the API server accepts the (watch) request."""
+            response = list_call(*args, **kwargs)
+            if 200 <= getattr(response, "status", 0) < 300:
+                self.status.up = True
+                self.status.last_error = None
+            return response
+
+        self._connected_call = connected_call
         self._watch: watch.Watch | None = None
+        self._version: str | None = None  # resourceVersion reached: where a re-watch resumes
         self._thread = threading.Thread(target=self._run, name=f"watch-{resource}", daemon=True)
 
     def start(self) -> None:
@@ -122,21 +136,21 @@ class ResourceWatcher:
 
     def _run(self) -> None:
         items: dict[str, RawObject] = {}
-        version: str | None = None
+        self._version = None
         failures = 0
         while not self._stopped.is_set():
             try:
-                if version is None:
+                if self._version is None:
                     self.status.set_state("listing")
-                    items, version = self._list()
+                    items, self._version = self._list()
                     self._deliver(items)
                 self.status.set_state("watching")
-                version = self._watch_from(items, version)
+                self._watch_from(items, self._version)
                 failures = 0
             except ApiException as exc:
                 if exc.status == 410:  # our version is too old: the reflector's answer is a re-list
                     self.status.relists += 1
-                    version = None
+                    self._version = None
                     continue
                 failures += 1
                 self._failed(f"API server answered {exc.status}: {exc.reason}", failures)
@@ -171,7 +185,7 @@ class ResourceWatcher:
         # Jitter the server-side timeout so that many replicas do not re-watch in lockstep.
         timeout = int(timing.watch_timeout * random.uniform(0.8, 1.0)) or 1
         events = stream_watch.stream(
-            self._list_call,
+            self._connected_call,
             **self._query,
             resource_version=version,
             allow_watch_bookmarks=True,
@@ -186,6 +200,7 @@ class ResourceWatcher:
             kind = event["type"]
             obj = event["raw_object"]
             version = obj.get("metadata", {}).get("resourceVersion") or version
+            self._version = version  # survives a stream that breaks after this event
             if kind == "BOOKMARK":
                 continue
             name = obj["metadata"]["name"]
@@ -303,12 +318,14 @@ class KubernetesSource:
         self._pending: ShardConfig | None = None  # valid, waiting for its Services' first list
         self._pending_deadline: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
-        self.rebuilds = 0
-        self.last_rebuild_seconds = 0.0
 
     @property
     def status(self) -> ConfigStatus:
         return self._applier.status
+
+    @property
+    def rebuilds(self) -> int:
+        return self._applier.swaps
 
     def watch_statuses(self) -> list[WatchStatus]:
         return [w.status for w in (self._configmap_watcher, self._slice_watcher) if w is not None]
@@ -317,8 +334,8 @@ class KubernetesSource:
         data = self.status.describe()
         data["watches"] = [status.describe() for status in self.watch_statuses()]
         data["pending_config"] = self._pending is not None
-        data["rebuilds"] = self.rebuilds
-        data["last_rebuild_ms"] = round(self.last_rebuild_seconds * 1000, 3)
+        data["rebuilds"] = self._applier.swaps
+        data["last_rebuild_ms"] = round(self._applier.last_swap_seconds * 1000, 3)
         return data
 
     def start(self) -> None:
@@ -366,6 +383,7 @@ class KubernetesSource:
                 self._metrics.reload("missing")
             applier.forget_digest()
             return
+        applier.status.note = None
         text = (obj.get("data") or {}).get(CONFIG_KEY)
         if text is None:
             applier.forget_digest()
@@ -393,10 +411,7 @@ class KubernetesSource:
         if self._pending_deadline is not None:
             self._pending_deadline.cancel()
             self._pending_deadline = None
-        started = time.perf_counter()
-        self._applier.apply(config, pods_by_group(config, self._slices))
-        self.last_rebuild_seconds = time.perf_counter() - started
-        self.rebuilds += 1
+        self._applier.apply_soon(config, lambda: pods_by_group(config, self._slices))
 
     def _apply_pending(self) -> None:
         self._pending_deadline = None
@@ -446,9 +461,5 @@ class KubernetesSource:
     def _rebuild(self) -> None:
         self._rebuild_handle = None
         config = self._applier.config
-        if config is None:
-            return
-        started = time.perf_counter()
-        self._applier.rebuild(pods_by_group(config, self._slices))
-        self.last_rebuild_seconds = time.perf_counter() - started
-        self.rebuilds += 1
+        if config is not None:
+            self._applier.rebuild(pods_by_group(config, self._slices))

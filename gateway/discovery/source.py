@@ -3,17 +3,22 @@ and report rejections (DESIGN invariant 5: a bad config never replaces a good on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.config import ConfigError, ShardConfig, parse_shard_config
 from gateway.observability.metrics import Metrics
+from gateway.ring import ShardRing
 from gateway.topology import DiscoveredPod, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.config")
+
+# Called when a queued config is applied, to get the pods discovery knows at that moment.
+PodsNow = Callable[[], Mapping[str, Iterable[DiscoveredPod]]]
 
 
 @dataclass
@@ -48,6 +53,10 @@ class ConfigApplier:
         self._holder = holder
         self._metrics = metrics
         self._digest: str | None = None
+        self._next: tuple[ShardConfig, PodsNow | None] | None = None
+        self._applying: asyncio.Task[None] | None = None
+        self.swaps = 0
+        self.last_swap_seconds = 0.0  # time the last snapshot swap took on the event loop
 
     def parse(self, text: str | bytes) -> ShardConfig | None:
         """A new valid config, or None when the text is unchanged or invalid (then reported)."""
@@ -64,21 +73,54 @@ class ConfigApplier:
             return None
 
     def apply(
-        self, config: ShardConfig, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None
+        self,
+        config: ShardConfig,
+        discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None,
+        ring: ShardRing | None = None,
     ) -> None:
         """Make ``config`` the one in force (a new epoch when it differs)."""
         self.config = config
-        self.rebuild(discovered)
+        self.rebuild(discovered, ring)
         self._metrics.reload("applied")
         self.status.loaded_at = time.time()
         self.status.last_error = None
         self.status.problems = []
         self.status.note = None
 
-    def rebuild(self, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None) -> None:
+    def apply_soon(self, config: ShardConfig, discovered: PodsNow | None = None) -> None:
+        """``apply`` from the event loop without stalling it: a new ring is built in a thread.
+
+        Configs are applied in the order given; one submitted while a ring is being built
+        replaces any other still waiting (only the newest matters).
+        """
+        self._next = (config, discovered)
+        if self._applying is None or self._applying.done():
+            self._applying = asyncio.get_running_loop().create_task(self._apply_queued())
+
+    async def _apply_queued(self) -> None:
+        while self._next is not None:
+            config, discovered = self._next
+            self._next = None
+            ring = None
+            if self._builder.needs_ring(config):
+                ring = await asyncio.to_thread(ShardRing, config)
+            if self._next is not None and self._next[0] is not config:
+                continue  # superseded while the ring was being built
+            self.apply(config, discovered() if discovered else None, ring)
+
+    @property
+    def applying(self) -> bool:
+        return self._next is not None or (self._applying is not None and not self._applying.done())
+
+    def rebuild(
+        self, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None, ring: ShardRing | None = None
+    ) -> None:
         """New snapshot of the config in force with the pods discovery knows now."""
         if self.config is not None:
-            self._holder.swap(self._builder.build(self.config, discovered))
+            started = time.perf_counter()
+            self._holder.swap(self._builder.build(self.config, discovered, ring))
+            self.last_swap_seconds = time.perf_counter() - started
+            self.swaps += 1
 
     def reject(self, problems: list[str]) -> None:
         self._metrics.reload("rejected")

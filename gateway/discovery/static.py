@@ -68,7 +68,10 @@ class StaticFileSource:
                 with open(self.path, "rb") as handle:
                     config = applier.parse(handle.read())
                 if config is not None:
-                    applier.apply(config)
+                    if self._task is None:
+                        applier.apply(config)  # at start: nothing to stall yet
+                    else:
+                        applier.apply_soon(config)
         except OSError as exc:
             if force or self._stat is not None:
                 applier.reject([f"{self.path}: cannot read: {exc.strerror or exc}"])
