@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
-from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
+from gateway.observability.metrics import GatewayCollector, Metrics, WatchView, own_pod_stats
 from gateway.router import MAX_KEY_BYTES
 from gateway.topology import Pod, TopologyHolder
 
@@ -36,7 +36,7 @@ class AdminApp:
         *,
         workers_ready: Callable[[], str | None] = lambda: None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
-        inflight: Callable[[Pod], int] | None = None,
+        pod_stats: Callable[[Pod], tuple[int, int, int]] = own_pod_stats,
         extra_debug: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._holder = holder
@@ -47,7 +47,7 @@ class AdminApp:
         self._extra_debug = extra_debug
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches, inflight))
+        self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches, pod_stats))
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)

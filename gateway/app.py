@@ -1,7 +1,8 @@
 """The gateway process: config source -> topology -> data plane, plus the admin server.
 
-Start order: load the config (fail fast if the first one is bad), bind the admin port, bind
-the data plane, then start watching for config changes. Stop order follows the contract's
+Start order: load the config (fail fast if the first one is bad), bind the data plane, bind
+the admin port (so /readyz cannot say 200 before the data port accepts), then start watching
+for config changes. Stop order follows the contract's
 Lifecycle section: not ready at once, keep serving for the drain delay, stop accepting,
 let in-flight requests finish up to the grace timeout, close what is left.
 """
@@ -41,13 +42,18 @@ class Gateway:
     async def start(self) -> None:
         control = self.control
         control.load_initial()
+        # The data plane binds first: /readyz must never say 200 before the port accepts.
+        await self.data.start()
+        self.listen_address = self.data.listen_address
         admin = AdminApp(
             self.holder, self.metrics, lambda: self.draining, control.describe_source, control.watches
         )
-        self._admin = await AdminServer.start(admin, self.settings.admin_listen)
+        try:
+            self._admin = await AdminServer.start(admin, self.settings.admin_listen)
+        except OSError:
+            await self.data.stop(0)
+            raise
         self.admin_address = self._admin.address
-        await self.data.start()
-        self.listen_address = self.data.listen_address
         control.start()
         assert self.listen_address is not None
         log.info(

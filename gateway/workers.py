@@ -28,7 +28,7 @@ import uvloop
 from gateway.admin import AdminApp, AdminServer
 from gateway.config import ConfigError, Limits, Settings, ShardConfig, parse_host_port
 from gateway.control import ControlPlane
-from gateway.observability.metrics import Metrics
+from gateway.observability.metrics import Metrics, own_pod_stats
 from gateway.proxy.plane import DataPlane
 from gateway.proxy.upstream import close_idle
 from gateway.topology import DiscoveredPod, Pod, PodState, Topology, TopologyBuilder, TopologyHolder
@@ -107,7 +107,7 @@ class Supervisor:
         self.stopping = False
         self._port_reservation: socket.socket | None = None
         self._listen = settings.listen
-        self._inflight: dict[tuple[str, str], int] = {}
+        self._pod_stats: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._monitors: list[asyncio.Task[None]] = []
 
     # -- start -------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class Supervisor:
             self.control.watches,
             workers_ready=self._not_ready_reason,
             before_scrape=self._gather_metrics,
-            inflight=lambda pod: self._inflight.get((pod.group, pod.address), 0),
+            pod_stats=lambda pod: self._pod_stats.get((pod.group, pod.address), (0, 0, 0)),
             extra_debug=lambda: {"workers": self._describe_workers()},
         )
         self._admin = await AdminServer.start(admin, self.settings.admin_listen)
@@ -205,14 +205,19 @@ class Supervisor:
         live = [w for w in self.workers if w is not None and w.ready]
         replies = await asyncio.gather(*(w.ask({"op": "metrics"}, SCRAPE_TIMEOUT) for w in live))
         self.metrics.reset_data_plane()
-        inflight: dict[tuple[str, str], int] = {}
+        pod_stats: dict[tuple[str, str], tuple[int, int, int]] = {}
         for reply in replies:
             if reply is None:
                 continue
             self.metrics.merge(reply["data"])
-            for group, address, count in reply["inflight"]:
-                inflight[(group, address)] = inflight.get((group, address), 0) + count
-        self._inflight = inflight
+            for group, address, *stats in reply["pods"]:
+                before = pod_stats.get((group, address), (0, 0, 0))
+                pod_stats[(group, address)] = (
+                    before[0] + stats[0],
+                    before[1] + stats[1],
+                    before[2] + stats[2],
+                )
+        self._pod_stats = pod_stats
         self.metrics.workers_ready = sum(1 for w in self.workers if w is not None and w.ready)
 
     def _describe_workers(self) -> list[dict[str, object]]:
@@ -313,7 +318,7 @@ class Worker:
         return {
             "op": "metrics",
             "data": self.metrics.snapshot(),
-            "inflight": [[p.group, p.address, p.inflight] for p in pods if p.inflight],
+            "pods": [[p.group, p.address, *own_pod_stats(p)] for p in pods],
         }
 
 

@@ -2,8 +2,10 @@
 
 Calling prometheus-client per request costs 0.5-1 us per call (see PERFORMANCE-NOTES.md);
 ``list[i] += 1`` costs 0.03 us. The data plane therefore only bumps integers held by
-``RouteStats`` objects that it resolves once per (group, kind), and the collector turns them
-into metric families when Prometheus scrapes.
+``RouteStats``/``Histogram`` objects that it resolves once per (group, kind), and the collector
+turns them into metric families when Prometheus scrapes. With ``--workers N`` each worker sends
+``Metrics.snapshot()`` to the supervisor, which adds them up with ``merge`` (histograms are
+merged bucket by bucket, so quantiles over the sum are right).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -27,6 +29,7 @@ from gateway.topology import Pod, PodState, Topology
 DURATION_BOUNDS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+LAG_BOUNDS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 NO_GROUP = "none"  # label for requests refused before a group was known
 
@@ -35,47 +38,97 @@ class WatchView(Protocol):
     """What the collector reads of a discovery watch (gateway.discovery.kubernetes.WatchStatus)."""
 
     resource: str
+    state: str
     up: bool
     last_event_at: float | None
     reconnects: int
     relists: int
 
 
+class Histogram:
+    """Bucket counts (non-cumulative; last slot = +Inf) and the sum of observations."""
+
+    __slots__ = ("bounds", "buckets", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BOUNDS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def dump(self) -> list[Any]:
+        return [self.buckets, self.total]
+
+    def add(self, dumped: list[Any]) -> None:
+        buckets, total = dumped
+        self.buckets = [a + b for a, b in zip(self.buckets, buckets, strict=True)]
+        self.total += total
+
+    def family_value(self) -> tuple[list[tuple[str, float]], float]:
+        cumulative, running = [], 0
+        for bound, value in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            running += value
+            cumulative.append((_bound_label(bound), running))
+        return cumulative, self.total
+
+
 class RouteStats:
     """Counters for one (group, kind): status classes and a duration histogram."""
 
-    __slots__ = ("buckets", "codes", "total_seconds")
+    __slots__ = ("codes", "duration")
 
     def __init__(self) -> None:
         self.codes = [0, 0, 0, 0, 0]  # index = status // 100 - 1
-        self.buckets = [0] * (len(DURATION_BOUNDS) + 1)  # last slot = +Inf
-        self.total_seconds = 0.0
+        self.duration = Histogram()
 
     def observe(self, status: int, seconds: float) -> None:
         index = status // 100 - 1
         if 0 <= index < 5:
             self.codes[index] += 1
-        self.buckets[bisect_left(DURATION_BOUNDS, seconds)] += 1
-        self.total_seconds += seconds
+        duration = self.duration
+        duration.buckets[bisect_left(DURATION_BOUNDS, seconds)] += 1
+        duration.total += seconds
 
 
 class Metrics:
     """All counters of one process. Only plain attribute and list updates on the hot path."""
 
+    # Data-plane counters a worker reports to the supervisor, which sums them.
+    _SUMMED = (
+        "upstream_connects",
+        "upstream_connect_failures",
+        "upstream_retries",
+        "client_connections_open",
+        "client_connections_total",
+        "bytes_received",
+        "bytes_sent",
+    )
+
     def __init__(self) -> None:
         self._reads: dict[str, RouteStats] = {}
         self._writes: dict[str, RouteStats] = {}
+        self._connect: dict[str, Histogram] = {}
+        self._response_headers: dict[str, Histogram] = {}
+        self.loop_lag = Histogram(LAG_BOUNDS)
         self.refusals: dict[str, int] = {}
-        self.reloads: dict[str, int] = {"applied": 0, "rejected": 0, "unchanged": 0}
-        self.last_reload_success: float | None = None
         self.upstream_connects = 0
         self.upstream_connect_failures = 0
         self.upstream_retries = 0
         self.client_connections_open = 0
         self.client_connections_total = 0
+        self.bytes_received = 0  # from clients (request bytes as read, framing included)
+        self.bytes_sent = 0  # to clients
+        # Control plane: owned by whichever process runs the config source.
+        self.reloads: dict[str, int] = {"applied": 0, "rejected": 0, "unchanged": 0, "missing": 0}
+        self.last_reload_success: float | None = None
         self.topology_swaps = 0
         self.worker_restarts = 0
         self.workers_ready: int | None = None  # set by the supervisor of --workers N
+
+    # -- hot path -----------------------------------------------------------------------------
 
     def route(self, group: str, write: bool) -> RouteStats:
         table = self._writes if write else self._reads
@@ -84,30 +137,38 @@ class Metrics:
             stats = table[group] = RouteStats()
         return stats
 
+    def response_headers(self, group: str) -> Histogram:
+        """Upstream latency: request sent -> response headers received, per group."""
+        histogram = self._response_headers.get(group)
+        if histogram is None:
+            histogram = self._response_headers[group] = Histogram()
+        return histogram
+
+    def connect(self, group: str) -> Histogram:
+        histogram = self._connect.get(group)
+        if histogram is None:
+            histogram = self._connect[group] = Histogram()
+        return histogram
+
     def refused(self, reason: str) -> None:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    # -- control plane ------------------------------------------------------------------------
 
     def reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
         if result in ("applied", "unchanged"):
             self.last_reload_success = time.time()
 
-    # Counters a worker process reports to the supervisor, which sums them (see gateway.workers).
-    _SUMMED = (
-        "upstream_connects",
-        "upstream_connect_failures",
-        "upstream_retries",
-        "client_connections_open",
-        "client_connections_total",
-    )
+    # -- across processes ---------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         """Plain-data copy of the data-plane counters, for another process to merge."""
         return {
-            "routes": [
-                [group, kind, stats.codes, stats.buckets, stats.total_seconds]
-                for group, kind, stats in self.routes()
-            ],
+            "routes": [[g, kind, s.codes, s.duration.dump()] for g, kind, s in self.routes()],
+            "connect": {g: h.dump() for g, h in self._connect.items()},
+            "response_headers": {g: h.dump() for g, h in self._response_headers.items()},
+            "loop_lag": self.loop_lag.dump(),
             "refusals": dict(self.refusals),
             "counters": {name: getattr(self, name) for name in self._SUMMED},
         }
@@ -116,20 +177,27 @@ class Metrics:
         """Zero what ``merge`` adds up, keeping control-plane counters (reloads, swaps)."""
         self._reads.clear()
         self._writes.clear()
+        self._connect.clear()
+        self._response_headers.clear()
+        self.loop_lag = Histogram(LAG_BOUNDS)
         self.refusals.clear()
         for name in self._SUMMED:
             setattr(self, name, 0)
 
-    def merge(self, snapshot: dict[str, object]) -> None:
+    def merge(self, snapshot: dict[str, Any]) -> None:
         """Add a worker's ``snapshot`` into this (supervisor-side) object."""
-        for group, kind, codes, buckets, total in snapshot["routes"]:  # type: ignore[attr-defined]
+        for group, kind, codes, duration in snapshot["routes"]:
             stats = self.route(group, kind == "write")
             stats.codes = [a + b for a, b in zip(stats.codes, codes, strict=True)]
-            stats.buckets = [a + b for a, b in zip(stats.buckets, buckets, strict=True)]
-            stats.total_seconds += total
-        for reason, value in snapshot["refusals"].items():  # type: ignore[attr-defined]
+            stats.duration.add(duration)
+        for group, dumped in snapshot["connect"].items():
+            self.connect(group).add(dumped)
+        for group, dumped in snapshot["response_headers"].items():
+            self.response_headers(group).add(dumped)
+        self.loop_lag.add(snapshot["loop_lag"])
+        for reason, value in snapshot["refusals"].items():
             self.refusals[reason] = self.refusals.get(reason, 0) + value
-        for name, value in snapshot["counters"].items():  # type: ignore[attr-defined]
+        for name, value in snapshot["counters"].items():
             setattr(self, name, getattr(self, name) + value)
 
     def routes(self) -> Iterator[tuple[str, str, RouteStats]]:
@@ -137,6 +205,11 @@ class Metrics:
             yield group, "read", stats
         for group, stats in self._writes.items():
             yield group, "write", stats
+
+
+def own_pod_stats(pod: Pod) -> tuple[int, int, int]:
+    """(in-flight requests, open upstream connections, idle ones) of a pod in this process."""
+    return pod.inflight, pod.connections, len(pod.idle)
 
 
 class GatewayCollector(Collector):
@@ -147,19 +220,29 @@ class GatewayCollector(Collector):
         metrics: Metrics,
         topology: Callable[[], Topology | None],
         watches: Callable[[], Iterable[WatchView]] = tuple,
-        inflight: Callable[[Pod], int] | None = None,
+        pod_stats: Callable[[Pod], tuple[int, int, int]] = own_pod_stats,
     ) -> None:
         self._metrics = metrics
         self._topology = topology
         self._watches = watches
-        self._inflight = inflight or _own_inflight
+        self._pod_stats = pod_stats
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Any]:
+        yield from self._requests()
+        yield from self._upstreams()
+        yield from self._process()
+        yield from self._config()
+        yield from self._discovery()
+        yield from self._pods()
+
+    def _requests(self) -> Iterator[Any]:
         m = self._metrics
         requests = CounterMetricFamily(
-            "shardgate_requests", "Proxied requests by group, kind and status class.",
+            "shardgate_requests",
+            "Requests answered, by group (the owner group, or the serving pod's group for reads to"
+            " any pod; 'none' when refused before a group was known), kind and status class.",
             labels=["group", "kind", "code_class"],
-        )  # fmt: skip
+        )
         duration = HistogramMetricFamily(
             "shardgate_request_duration_seconds",
             "Time from request headers received to response complete.",
@@ -167,36 +250,41 @@ class GatewayCollector(Collector):
         )
         for group, kind, stats in m.routes():
             for code_class, value in zip(CODE_CLASSES, stats.codes, strict=True):
-                if value:
-                    requests.add_metric([group, kind, code_class], value)
-            cumulative, running = [], 0
-            for bound, value in zip((*DURATION_BOUNDS, float("inf")), stats.buckets, strict=True):
-                running += value
-                cumulative.append((_bound_label(bound), running))
-            duration.add_metric([group, kind], cumulative, stats.total_seconds)
+                requests.add_metric([group, kind, code_class], value)
+            duration.add_metric([group, kind], *stats.duration.family_value())
         yield requests
         yield duration
-
         refusals = CounterMetricFamily(
-            "shardgate_refusals", "Requests answered by the gateway itself, by reason.", labels=["reason"]
+            "shardgate_refusals",
+            "Requests the gateway answered itself with an error, by reason (the error code).",
+            labels=["reason"],
         )
         for reason, value in sorted(m.refusals.items()):
             refusals.add_metric([reason], value)
         yield refusals
-
-        reloads = CounterMetricFamily(
-            "shardgate_config_reloads", "Shard config loads by result.", labels=["result"]
+        yield CounterMetricFamily(
+            "shardgate_received_bytes", "Bytes read from clients.", value=m.bytes_received
         )
-        for result, value in sorted(m.reloads.items()):
-            reloads.add_metric([result], value)
-        yield reloads
-        if m.last_reload_success is not None:
-            yield GaugeMetricFamily(
-                "shardgate_config_last_success_age_seconds",
-                "Seconds since the shard config was last loaded successfully.",
-                value=max(0.0, time.time() - m.last_reload_success),
-            )
+        yield CounterMetricFamily("shardgate_sent_bytes", "Bytes written to clients.", value=m.bytes_sent)
 
+    def _upstreams(self) -> Iterator[Any]:
+        m = self._metrics
+        for name, help_text, table in (
+            (
+                "shardgate_upstream_connect_duration_seconds",
+                "Time to open an upstream connection.",
+                m._connect,
+            ),
+            (
+                "shardgate_upstream_response_header_duration_seconds",
+                "Time from request sent to upstream response headers received.",
+                m._response_headers,
+            ),
+        ):
+            family = HistogramMetricFamily(name, help_text, labels=["group"])
+            for group, histogram in table.items():
+                family.add_metric([group], *histogram.family_value())
+            yield family
         yield CounterMetricFamily(
             "shardgate_upstream_connects", "Upstream connections opened.", value=m.upstream_connects
         )
@@ -207,15 +295,26 @@ class GatewayCollector(Collector):
         )
         yield CounterMetricFamily(
             "shardgate_upstream_retries",
-            "Requests tried again on another pod before any byte reached the first.",
+            "Requests tried again on another pod (never a write after a byte of it was sent).",
             value=m.upstream_retries,
         )
+
+    def _process(self) -> Iterator[Any]:
+        m = self._metrics
         yield GaugeMetricFamily(
             "shardgate_client_connections", "Open client connections.", value=m.client_connections_open
         )
         yield CounterMetricFamily(
-            "shardgate_topology_swaps", "Topology snapshots swapped in.", value=m.topology_swaps
+            "shardgate_client_connections_accepted",
+            "Client connections accepted.",
+            value=m.client_connections_total,
         )
+        lag = HistogramMetricFamily(
+            "shardgate_event_loop_lag_seconds",
+            "How late the event loop ran the periodic deadline sweep (each data-plane process).",
+        )
+        lag.add_metric([], *m.loop_lag.family_value())
+        yield lag
         if m.workers_ready is not None:
             yield GaugeMetricFamily(
                 "shardgate_workers_ready",
@@ -227,8 +326,26 @@ class GatewayCollector(Collector):
                 "Worker processes restarted after dying.",
                 value=m.worker_restarts,
             )
-        yield from self._discovery()
 
+    def _config(self) -> Iterator[Any]:
+        m = self._metrics
+        reloads = CounterMetricFamily(
+            "shardgate_config_reloads",
+            "Shard config loads by result (applied, unchanged, rejected, missing).",
+            labels=["result"],
+        )
+        for result, value in sorted(m.reloads.items()):
+            reloads.add_metric([result], value)
+        yield reloads
+        if m.last_reload_success is not None:
+            yield GaugeMetricFamily(
+                "shardgate_config_last_success_age_seconds",
+                "Seconds since the shard config was last loaded successfully.",
+                value=max(0.0, time.time() - m.last_reload_success),
+            )
+        yield CounterMetricFamily(
+            "shardgate_topology_swaps", "Topology snapshots swapped in.", value=m.topology_swaps
+        )
         topology = self._topology()
         if topology is None:
             return
@@ -237,24 +354,38 @@ class GatewayCollector(Collector):
         )
         yield GaugeMetricFamily("shardgate_ring_groups", "Groups on the ring.", value=len(topology.groups))
         yield GaugeMetricFamily("shardgate_ring_points", "Points on the ring.", value=topology.ring.points)
+
+    def _pods(self) -> Iterator[Any]:
+        topology = self._topology()
+        if topology is None:
+            return
         pods = GaugeMetricFamily(
             "shardgate_group_pods", "Pods per group by state.", labels=["group", "state"]
         )
         inflight = GaugeMetricFamily(
             "shardgate_pod_inflight_requests", "Requests in flight per pod.", labels=["group", "pod"]
         )
+        connections = GaugeMetricFamily(
+            "shardgate_pod_upstream_connections",
+            "Open upstream connections per pod, idle (pooled) or busy.",
+            labels=["group", "pod", "state"],
+        )
         for group in topology.groups.values():
             states = dict.fromkeys((PodState.READY, PodState.NOT_READY, PodState.TERMINATING), 0)
             for pod in group.pods:
                 if pod.state in states:
                     states[pod.state] += 1
-                inflight.add_metric([group.name, pod.address], self._inflight(pod))
+                in_flight, open_connections, idle = self._pod_stats(pod)
+                inflight.add_metric([group.name, pod.address], in_flight)
+                connections.add_metric([group.name, pod.address, "idle"], idle)
+                connections.add_metric([group.name, pod.address, "busy"], open_connections - idle)
             for state, value in states.items():
                 pods.add_metric([group.name, str(state)], value)
         yield pods
         yield inflight
+        yield connections
 
-    def _discovery(self) -> Iterator[object]:
+    def _discovery(self) -> Iterator[Any]:
         watches = list(self._watches())
         if not watches:
             return
@@ -262,6 +393,11 @@ class GatewayCollector(Collector):
             "shardgate_discovery_watch_up",
             "1 while the watch reaches the API server; 0 while routing on the last known state.",
             labels=["resource"],
+        )
+        state = GaugeMetricFamily(
+            "shardgate_discovery_watch_state",
+            "1 for the state each watch is in (listing, watching, backoff, stopped).",
+            labels=["resource", "state"],
         )
         reconnects = CounterMetricFamily(
             "shardgate_discovery_reconnects", "Watch failures followed by a retry.", labels=["resource"]
@@ -277,18 +413,17 @@ class GatewayCollector(Collector):
         now = time.time()
         for watch in watches:
             up.add_metric([watch.resource], 1.0 if watch.up else 0.0)
+            for name in ("listing", "watching", "backoff", "stopped"):
+                state.add_metric([watch.resource, name], 1.0 if watch.state == name else 0.0)
             reconnects.add_metric([watch.resource], watch.reconnects)
             relists.add_metric([watch.resource], watch.relists)
             if watch.last_event_at is not None:
                 age.add_metric([watch.resource], max(0.0, now - watch.last_event_at))
         yield up
+        yield state
         yield reconnects
         yield relists
         yield age
-
-
-def _own_inflight(pod: Pod) -> int:
-    return pod.inflight
 
 
 def _bound_label(bound: float) -> str:

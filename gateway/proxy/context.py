@@ -69,9 +69,14 @@ class ProxyContext:
                 pass
 
     async def _sweep_forever(self) -> None:
+        loop, interval, lag = self.loop, self.sweep_interval, self.metrics.loop_lag
         while True:
-            await asyncio.sleep(self.sweep_interval)
-            self.sweep(self.loop.time())
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            now = loop.time()
+            # How late the loop woke us is its lag: the wait every callback had on this tick.
+            lag.observe(max(0.0, now - due))
+            self.sweep(now)
 
     def sweep(self, now: float) -> None:
         expired: list[HasDeadline] = [c for c in self.clients if 0 < c.deadline <= now]

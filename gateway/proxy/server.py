@@ -35,7 +35,7 @@ from gateway.proxy.http import (
     error_response,
 )
 from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection, release
-from gateway.router import Decision, Refusal, choose_pod, decide
+from gateway.router import Decision, Refusal, choose_pod, decide, is_write
 from gateway.topology import Pod
 
 PENDING_LIMIT = 256 * 1024
@@ -63,6 +63,7 @@ class Exchange:
         "http10",
         "idempotent",
         "is_head",
+        "is_write",
         "keep_alive",
         "pending",
         "pending_bytes",
@@ -93,6 +94,7 @@ class Exchange:
         self.keep_alive = True
         self.http10 = False
         self.is_head = False
+        self.is_write = False  # known even when the request is refused (for metrics and logs)
         self.idempotent = False
         self.expect_continue = False
         self.request_done = False
@@ -258,6 +260,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.broken:
             return
+        self.ctx.metrics.bytes_received += len(data)
         if self._reading_head:
             self._header_bytes += len(data)
         elif self.parsing is not None:
@@ -399,10 +402,12 @@ class ClientConnection(asyncio.Protocol):
 
         decision = decide(topology, method, raw_key, operation)
         if isinstance(decision, Refusal):
-            self._refuse(exchange, decision)
+            exchange.is_write = topology is not None and is_write(topology, method, operation)
+            exchange.refusal = decision
             return
+        exchange.is_write = decision.is_write
         if content_length > ctx.limits.max_body_bytes:
-            self._refuse(exchange, Refusal(413, "body_too_large", "request body is larger than allowed"))
+            exchange.refusal = Refusal(413, "body_too_large", "request body is larger than allowed")
             exchange.keep_alive = False
             return
         assert topology is not None
@@ -418,9 +423,6 @@ class ClientConnection(asyncio.Protocol):
         lines.append(b"X-Shard-Epoch: " + topology.epoch_bytes)
         # X-Shard-Group and the blank line are added per attempt: a read's group is its pod's.
         exchange.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, self._url, b"\r\n".join(lines))
-
-    def _refuse(self, exchange: Exchange, refusal: Refusal) -> None:
-        exchange.refusal = refusal
 
     # -- driving exchanges ---------------------------------------------------------------------
 
@@ -584,7 +586,7 @@ class ClientConnection(asyncio.Protocol):
         group = decision.group if decision is not None and decision.group else None
         if group is None:
             group = exchange.group_bytes.decode() if exchange.group_bytes else "none"
-        write = decision.is_write if decision is not None else False
+        write = exchange.is_write
         self.ctx.metrics.route(group, write).observe(status, self.ctx.loop.time() - exchange.start_time)
 
     # -- output, flow control, closing ---------------------------------------------------------
@@ -592,7 +594,9 @@ class ClientConnection(asyncio.Protocol):
     def flush_output(self) -> None:
         out = self.out
         if out and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.ctx.metrics.bytes_sent += len(data)
+            self.transport.write(data)  # type: ignore[union-attr]
             out.clear()
 
     def block_reading(self, reason: int) -> None:

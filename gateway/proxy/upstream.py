@@ -47,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         "read_paused",
         "response_done",
         "reused",
+        "sent_at",
         "transport",
         "until_close",
     )
@@ -65,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False  # carried an earlier exchange (so it may be a stale keep-alive)
         self.until_close = False  # the response body ends when the upstream closes
         self.idle_since = 0.0
+        self.sent_at = 0.0
         self.fd = -1
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -130,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, exchange: Exchange, data: bytes, head_only: bool, now: float) -> None:
         """Send one request (head plus whatever body is already here) on this connection."""
         self.exchange = exchange
+        self.sent_at = now
         self.response_done = False
         self.until_close = False
         self._head_buffer = bytearray() if head_only else None
@@ -193,6 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         assert exchange is not None
         self.deadline = 0.0
+        self._observe_response_headers()
         chunked = self._emit_head(exchange, status, self._reason, self._headers, head_only=False)
         self._body_chunked = chunked and not exchange.http10
 
@@ -215,6 +219,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_done = True
 
     # -- response head -----------------------------------------------------------------------
+
+    def _observe_response_headers(self) -> None:
+        ctx = self.ctx
+        ctx.metrics.response_headers(self.pod.group).observe(ctx.loop.time() - self.sent_at)
 
     def _emit_head(
         self,
@@ -299,6 +307,7 @@ class UpstreamConnection(asyncio.Protocol):
             connection = b",".join(v for n, v in headers if n.lower() == b"connection").lower()
             self.keep_alive = not rest and b"close" not in connection and status_line[0] == b"HTTP/1.1"
             self.deadline = 0.0
+            self._observe_response_headers()
             self._head_buffer = None
             self._emit_head(exchange, status, status_line[2] if len(status_line) > 2 else b"", headers, True)
             self.response_done = True
@@ -376,7 +385,9 @@ def close_idle(pod: Pod) -> None:
 
 async def open_connection(ctx: ProxyContext, pod: Pod) -> UpstreamConnection:
     """Connect to ``pod`` within the connect timeout; raises OSError or TimeoutError."""
+    started = ctx.loop.time()
     async with asyncio.timeout(ctx.limits.connect_timeout):
         _, conn = await ctx.loop.create_connection(lambda: UpstreamConnection(ctx, pod), pod.host, pod.port)
     ctx.metrics.upstream_connects += 1
+    ctx.metrics.connect(pod.group).observe(ctx.loop.time() - started)
     return conn
