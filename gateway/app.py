@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import uvloop
@@ -18,6 +19,8 @@ import uvloop
 from gateway.admin import AdminApp, AdminServer
 from gateway.config import ConfigError, Settings
 from gateway.control import ControlPlane
+from gateway.observability.logs import AccessLog
+from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.plane import DataPlane
 from gateway.workers import supervise
@@ -33,7 +36,14 @@ class Gateway:
         self.control = ControlPlane(settings)
         self.metrics = self.control.metrics
         self.holder = self.control.holder
-        self.data = DataPlane(settings.listen, settings.limits, self.holder, self.metrics)
+        self.data = DataPlane(
+            settings.listen,
+            settings.limits,
+            self.holder,
+            self.metrics,
+            tracing=tracing_from_env(os.environ),
+            access_log=AccessLog.from_env(os.environ),
+        )
         self.draining = False
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None

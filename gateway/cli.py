@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Mapping
 
 from gateway import offline
 from gateway.config import ConfigError, settings_from
+from gateway.observability.logs import configure_logging, log_format
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,14 +55,10 @@ def log_level(flag: str | None, env: Mapping[str, str]) -> str:
     return level
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT)
-    logging.getLogger().setLevel(level)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         level = log_level(args.log_level, os.environ)
+        fmt = log_format(os.environ)
         settings = settings_from(
             config_path=args.config,
             configmap=args.configmap,
@@ -76,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"shardgate run: {problem}", file=sys.stderr)
         return 2
-    configure_logging(level)
+    configure_logging(level, fmt)
     from gateway.app import run_gateway  # the data plane is only imported when it runs
 
     return run_gateway(settings)

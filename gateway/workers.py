@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import uvloop
@@ -28,7 +29,10 @@ import uvloop
 from gateway.admin import AdminApp, AdminServer
 from gateway.config import ConfigError, Limits, Settings, ShardConfig, parse_host_port
 from gateway.control import ControlPlane
+from gateway.observability.logs import AccessLog, configure_logging, log_format
 from gateway.observability.metrics import Metrics, own_pod_stats
+from gateway.observability.tracing import shutdown as shutdown_tracing
+from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.plane import DataPlane
 from gateway.proxy.upstream import close_idle
 from gateway.topology import DiscoveredPod, Pod, PodState, Topology, TopologyBuilder, TopologyHolder
@@ -114,6 +118,9 @@ class Supervisor:
 
     async def start(self) -> None:
         self.control.load_initial()
+        # Check what the workers will read from the environment before starting any of them.
+        shutdown_tracing(tracing_from_env(os.environ))
+        AccessLog.from_env(os.environ)
         self._reserve_port()
         admin = AdminApp(
             self.control.holder,
@@ -298,11 +305,19 @@ async def supervise(settings: Settings) -> int:
 
 
 class Worker:
-    def __init__(self, listen: tuple[str, int], limits: Limits) -> None:
+    def __init__(self, listen: tuple[str, int], env: Mapping[str, str]) -> None:
         self.metrics = Metrics()
         self.holder = TopologyHolder()
         self.builder = TopologyBuilder(on_retire=close_idle)
-        self.data = DataPlane(listen, limits, self.holder, self.metrics, reuse_port=True)
+        self.data = DataPlane(
+            listen,
+            Limits.from_env(env),
+            self.holder,
+            self.metrics,
+            reuse_port=True,
+            tracing=tracing_from_env(env),
+            access_log=AccessLog.from_env(env),
+        )
 
     def apply(self, message: dict[str, Any]) -> None:
         config = ShardConfig.model_validate(message["config"])
@@ -326,7 +341,7 @@ async def worker_main() -> int:
     loop = asyncio.get_running_loop()
     env = os.environ
     listen = parse_host_port(env["SHARDGATE_LISTEN"])
-    worker = Worker(listen, Limits.from_env(env))
+    worker = Worker(listen, env)
     await worker.data.start()
 
     reader = asyncio.StreamReader(limit=MESSAGE_LIMIT)
@@ -367,12 +382,23 @@ async def worker_main() -> int:
     return 0
 
 
+class _WorkerTag(logging.Filter):
+    """Adds ``worker`` to every record, so JSON logs say which worker wrote them."""
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
 def main() -> int:
-    index = os.environ.get("SHARDGATE_WORKER_INDEX", "?")
-    logging.basicConfig(
-        level=os.environ.get("SHARDGATE_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
-    )
+    env = os.environ
+    # stdout is the pipe to the supervisor: logs go to stderr. The supervisor checked the values.
+    configure_logging(env.get("SHARDGATE_LOG_LEVEL", "INFO").upper(), log_format(env), sys.stderr)
+    logging.getLogger().addFilter(_WorkerTag(env.get("SHARDGATE_WORKER_INDEX", "?")))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(worker_main())
 

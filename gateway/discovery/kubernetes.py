@@ -62,6 +62,7 @@ class WatchStatus:
 
     def set_state(self, state: str) -> None:
         if state != self.state:
+            log.info("watch %s: %s -> %s", self.resource, self.state, state)
             self.state = state
             self.since = time.time()
 

@@ -10,7 +10,9 @@ import asyncio
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.config import Limits
+from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import Tracing
 from gateway.proxy.http import RequestIds
 from gateway.topology import TopologyHolder
 
@@ -38,8 +40,12 @@ class ProxyContext:
         holder: TopologyHolder,
         metrics: Metrics,
         limits: Limits,
+        tracing: Tracing | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.loop = loop
+        self.tracing = tracing  # None: tracing off, and free
+        self.access_log = access_log or AccessLog()
         self.holder = holder
         self.metrics = metrics
         self.limits = limits

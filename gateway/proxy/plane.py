@@ -6,7 +6,10 @@ import asyncio
 import logging
 
 from gateway.config import Limits
+from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import Tracing
+from gateway.observability.tracing import shutdown as shutdown_tracing
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.server import ClientConnection
 from gateway.topology import TopologyHolder
@@ -22,7 +25,11 @@ class DataPlane:
         holder: TopologyHolder,
         metrics: Metrics,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
+        self._tracing = tracing
+        self._access_log = access_log
         self._listen = listen
         self._limits = limits
         self._holder = holder
@@ -34,7 +41,9 @@ class DataPlane:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = self.ctx = ProxyContext(loop, self._holder, self._metrics, self._limits)
+        ctx = self.ctx = ProxyContext(
+            loop, self._holder, self._metrics, self._limits, self._tracing, self._access_log
+        )
         self._server = await loop.create_server(
             lambda: ClientConnection(ctx),
             self._listen[0],
@@ -73,3 +82,4 @@ class DataPlane:
         for upstream in list(ctx.upstreams):
             upstream.abort()
         await ctx.stop()
+        shutdown_tracing(self._tracing)  # flush the spans still queued

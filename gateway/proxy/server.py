@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from gateway.observability.tracing import parse_traceparent
 from gateway.proxy.context import (
     BLOCK_BROKEN,
     BLOCK_PENDING,
@@ -65,6 +67,7 @@ class Exchange:
         "is_head",
         "is_write",
         "keep_alive",
+        "method",
         "pending",
         "pending_bytes",
         "pod",
@@ -73,9 +76,13 @@ class Exchange:
         "response_done",
         "rid",
         "sent",
+        "served_by",
+        "span",
         "start_time",
         "started",
         "status",
+        "target",
+        "traceparent",
         "upstream",
     )
 
@@ -104,7 +111,12 @@ class Exchange:
         self.status = 0
         self.attempts = 0
         self.pod: Pod | None = None
+        self.served_by: Pod | None = None  # the last pod tried (kept for metrics, logs, spans)
         self.upstream: UpstreamConnection | None = None
+        self.method = b""
+        self.target = b""
+        self.traceparent: bytes | None = None  # as sent upstream (the client's, or our span's)
+        self.span: Any = None  # an OpenTelemetry span when this request is sampled
 
     # -- called by the upstream connection -------------------------------------------------
 
@@ -348,7 +360,7 @@ class ClientConnection(asyncio.Protocol):
         topology = ctx.holder.current
         key_name = topology.key_header if topology is not None else b""
         operation_name = topology.operation_header if topology is not None else None
-        raw_key = operation = request_id = forwarded_for = via = host = None
+        raw_key = operation = request_id = forwarded_for = via = host = traceparent = tracestate = None
         has_proto = has_forwarded_host = False
         content_length = -1
         connection_tokens: set[bytes] | None = None
@@ -381,6 +393,11 @@ class ClientConnection(asyncio.Protocol):
                 operation = value
             elif lname == b"host":
                 host = value
+            elif lname == b"traceparent":
+                traceparent = value
+                continue  # re-added below: ours when this request is traced
+            elif lname == b"tracestate":
+                tracestate = value
             elif lname == b"via":
                 via = value if via is None else via + b", " + value
                 continue
@@ -399,6 +416,9 @@ class ClientConnection(asyncio.Protocol):
         if request_id is None or not RequestIds.valid(request_id):
             request_id = ctx.ids.next()
         exchange.rid = request_id
+        exchange.method = method
+        exchange.target = self._url
+        exchange.traceparent = traceparent
 
         decision = decide(topology, method, raw_key, operation)
         if isinstance(decision, Refusal):
@@ -421,6 +441,27 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"X-Forwarded-Host: " + host)
         lines.append(b"Via: " + (via + b", " + VIA_TOKEN if via else VIA_TOKEN))
         lines.append(b"X-Shard-Epoch: " + topology.epoch_bytes)
+        tracing = ctx.tracing
+        if tracing is not None:
+            parent = parse_traceparent(traceparent) if traceparent is not None else None
+            if tracing.sampled(parent):
+                exchange.span, traceparent = tracing.start(
+                    parent,
+                    tracestate,
+                    method,
+                    self._url,
+                    {
+                        "shardgate.kind": "write" if decision.is_write else "read",
+                        "shardgate.epoch": topology.epoch,
+                        "shardgate.request_id": request_id.decode("latin-1"),
+                        "client.address": peer.decode("latin-1"),
+                        "server.address": host.decode("latin-1") if host else "",
+                        "network.protocol.version": "1.0" if exchange.http10 else "1.1",
+                    },
+                )
+                exchange.traceparent = traceparent
+        if traceparent is not None:
+            lines.append(b"traceparent: " + traceparent)
         # X-Shard-Group and the blank line are added per attempt: a read's group is its pod's.
         exchange.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, self._url, b"\r\n".join(lines))
 
@@ -476,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
             return
         pod.inflight += 1
         pod.requests += 1
-        exchange.pod = pod
+        exchange.pod = exchange.served_by = pod
         exchange.group_bytes = pod.group.encode()
         conn = acquire_idle(pod, self.ctx.loop.time())
         if conn is not None:
@@ -586,8 +627,41 @@ class ClientConnection(asyncio.Protocol):
         group = decision.group if decision is not None and decision.group else None
         if group is None:
             group = exchange.group_bytes.decode() if exchange.group_bytes else "none"
-        write = exchange.is_write
-        self.ctx.metrics.route(group, write).observe(status, self.ctx.loop.time() - exchange.start_time)
+        ctx = self.ctx
+        seconds = ctx.loop.time() - exchange.start_time
+        ctx.metrics.route(group, exchange.is_write).observe(status, seconds)
+        if exchange.span is not None:
+            pod = exchange.served_by
+            ctx.tracing.finish(  # type: ignore[union-attr]
+                exchange.span,
+                status,
+                {"shardgate.group": group, "shardgate.pod": pod.address if pod else ""},
+            )
+            exchange.span = None
+        if ctx.access_log.wants(status, seconds):
+            self._access_log(exchange, status, seconds, group)
+
+    def _access_log(self, exchange: Exchange, status: int, seconds: float, group: str) -> None:
+        topology = self.ctx.holder.current
+        traceparent = exchange.traceparent
+        pod = exchange.served_by
+        refusal = exchange.refusal
+        self.ctx.access_log.log(
+            {
+                "request_id": exchange.rid.decode("latin-1"),
+                "trace_id": traceparent[3:35].decode("latin-1") if traceparent else None,
+                "method": exchange.method.decode("latin-1"),
+                "path": exchange.target.split(b"?", 1)[0].decode("latin-1"),
+                "status": status,
+                "kind": "write" if exchange.is_write else "read",
+                "group": group,
+                "pod": pod.address if pod else None,
+                "epoch": topology.epoch if topology else None,
+                "duration_ms": round(seconds * 1000, 3),
+                "client": self.peer.decode("latin-1"),
+                "error": refusal.code if refusal else None,
+            }
+        )
 
     # -- output, flow control, closing ---------------------------------------------------------
 

@@ -1,0 +1,173 @@
+"""OpenTelemetry tracing of proxied requests, paid for only by sampled requests.
+
+The data plane reads the client's W3C ``traceparent`` itself and makes the sampling decision
+with plain string checks (parent-based: a sampled parent is followed, an unsampled one too;
+a root is sampled at ``OTEL_TRACES_SAMPLER_ARG``). Only a sampled request touches the SDK: a
+SERVER span whose context replaces ``traceparent`` toward the upstream, so the upstream's
+spans become its children. An unsampled request forwards ``traceparent``/``tracestate``
+untouched, so propagation works at the cost of one header comparison.
+
+Tracing is on when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) and not switched off (``OTEL_SDK_DISABLED=true`` or
+``OTEL_TRACES_EXPORTER=none``). Service name and resource come from ``OTEL_SERVICE_NAME`` /
+``OTEL_RESOURCE_ATTRIBUTES``; the exporter reads the other ``OTEL_EXPORTER_OTLP_*`` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.config import ConfigError
+
+log = logging.getLogger("shardgate.tracing")
+
+DEFAULT_RATIO = 0.01
+_SAMPLERS = {
+    # name -> (parent-based, fixed ratio or None to read OTEL_TRACES_SAMPLER_ARG)
+    "parentbased_traceidratio": (True, None),
+    "parentbased_always_on": (True, 1.0),
+    "parentbased_always_off": (True, 0.0),
+    "traceidratio": (False, None),
+    "always_on": (False, 1.0),
+    "always_off": (False, 0.0),
+}
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
+    """(trace id, parent span id, sampled) of a version-00 traceparent, or None if invalid."""
+    value = value.strip()
+    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+        return None
+    version, trace_hex, span_hex, flags_hex = value[:2], value[3:35], value[36:52], value[53:55]
+    if version == b"ff" or not _HEX.issuperset(trace_hex + span_hex + flags_hex + version):
+        return None
+    if version == b"00" and len(value) != 55:
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(int(flags_hex, 16) & 1)
+
+
+class Tracing:
+    """Sampling decisions and span lifecycle for the data plane."""
+
+    def __init__(self, tracer: Any, ratio: float, parent_based: bool, provider: Any = None) -> None:
+        self._tracer = tracer
+        self.provider = provider  # the SDK TracerProvider, flushed at shutdown
+        self.ratio = ratio
+        self.parent_based = parent_based
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+        from opentelemetry.trace.span import TraceFlags, TraceState
+
+        self._trace = trace
+        self._span_context = SpanContext
+        self._non_recording = NonRecordingSpan
+        self._server = SpanKind.SERVER
+        self._error = Status(StatusCode.ERROR)
+        self._trace_flags = TraceFlags
+        self._trace_state = TraceState
+
+    def sampled(self, parent: tuple[int, int, bool] | None) -> bool:
+        if parent is not None and self.parent_based:
+            return parent[2]
+        return random.random() < self.ratio
+
+    def start(
+        self,
+        parent: tuple[int, int, bool] | None,
+        tracestate: bytes | None,
+        method: bytes,
+        target: bytes,
+        attributes: dict[str, Any],
+    ) -> tuple[Any, bytes]:
+        """Start a SERVER span; return it and the traceparent to send upstream."""
+        context = None
+        if parent is not None:
+            state = self._trace_state.from_header([tracestate.decode("latin-1")]) if tracestate else None
+            remote = self._span_context(
+                trace_id=parent[0],
+                span_id=parent[1],
+                is_remote=True,
+                trace_flags=self._trace_flags(self._trace_flags.SAMPLED if parent[2] else 0),
+                trace_state=state,
+            )
+            context = self._trace.set_span_in_context(self._non_recording(remote))
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        method_text = method.decode("latin-1")
+        attributes["http.request.method"] = method_text
+        attributes["url.path"] = path
+        span = self._tracer.start_span(
+            method_text, context=context, kind=self._server, attributes=attributes, start_time=time.time_ns()
+        )
+        span_context = span.get_span_context()
+        header = b"00-%032x-%016x-01" % (span_context.trace_id, span_context.span_id)
+        return span, header
+
+    def finish(self, span: Any, status: int, attributes: dict[str, Any]) -> None:
+        attributes["http.response.status_code"] = status
+        span.set_attributes(attributes)
+        if status >= 500:
+            span.set_status(self._error)
+        span.end()
+
+
+def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
+    """The configured tracer, or None when tracing is off (then it costs nothing per request)."""
+    if (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true":
+        return None
+    exporter_name = (env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if exporter_name == "none" or (exporter_name == "otlp" and not endpoint):
+        return None
+    if exporter_name not in ("otlp", "console"):
+        raise ConfigError([f"OTEL_TRACES_EXPORTER: {exporter_name!r} is not otlp, console or none"])
+    sampler_name = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_traceidratio").strip().lower()
+    if sampler_name not in _SAMPLERS:
+        raise ConfigError([f"OTEL_TRACES_SAMPLER: {sampler_name!r} is not one of {', '.join(_SAMPLERS)}"])
+    parent_based, ratio = _SAMPLERS[sampler_name]
+    if ratio is None:
+        raw = env.get("OTEL_TRACES_SAMPLER_ARG") or str(DEFAULT_RATIO)
+        try:
+            ratio = float(raw)
+        except ValueError:
+            raise ConfigError([f"OTEL_TRACES_SAMPLER_ARG: {raw!r} is not a number"]) from None
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError([f"OTEL_TRACES_SAMPLER_ARG: {ratio} is not between 0 and 1"])
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    exporter: SpanExporter
+    if exporter_name == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_EXPORTER_OTLP_*
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "shardgate"})
+    # The data plane has decided already; the SDK records whatever it is asked to start.
+    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    try:  # the gateway's own aiohttp client calls (health checks and the like)
+        from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+
+        AioHttpClientInstrumentor().instrument(tracer_provider=provider)
+    except Exception:  # instrumentation is a nicety; never a reason not to start
+        log.warning("aiohttp client instrumentation unavailable", exc_info=True)
+    log.info("tracing on: exporter %s, sampler %s, ratio %s", exporter_name, sampler_name, ratio)
+    return Tracing(provider.get_tracer("shardgate"), ratio, parent_based, provider)
+
+
+def shutdown(tracing: Tracing | None) -> None:
+    """Flush spans still queued in the batch processor."""
+    if tracing is not None and tracing.provider is not None:
+        tracing.provider.shutdown()
