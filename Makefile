@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 # Programs the tests and benchmarks drive (real nginx/HAProxy/wrk, not mocks). Installed with
 # apt-get when missing and we are root; otherwise the tests that need them say why they skip.
-SYSTEM_TOOLS := nginx haproxy wrk
+# Each entry is command:debian-package.
+SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/shardgate demo
 
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	@missing=""; for entry in $(SYSTEM_TOOLS); do command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing$$missing with apt-get"; \
