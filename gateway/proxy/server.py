@@ -218,7 +218,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = b""
         self.exchanges: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self.read_blocks = 0
         self.write_paused = False
         self.closed = False
@@ -463,7 +463,12 @@ class ClientConnection(asyncio.Protocol):
         if traceparent is not None:
             lines.append(b"traceparent: " + traceparent)
         # X-Shard-Group and the blank line are added per attempt: a read's group is its pod's.
-        exchange.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, self._url, b"\r\n".join(lines))
+        if exchange.http10:
+            # Asking in HTTP/1.0 means the upstream cannot answer chunked, which such a
+            # client could not read; keep-alive is still requested for the pool's sake.
+            lines.append(b"Connection: keep-alive")
+        version = b"HTTP/1.0" if exchange.http10 else b"HTTP/1.1"
+        exchange.head = b"%s %s %s\r\n%s\r\n" % (method, self._url, version, b"\r\n".join(lines))
 
     # -- driving exchanges ---------------------------------------------------------------------
 

@@ -10,13 +10,14 @@ buffer a large response.
 from __future__ import annotations
 
 import asyncio
+import re
 import select
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
 
 from gateway.proxy.context import BLOCK_UPSTREAM
-from gateway.proxy.http import CONNECTION_OPTIONS, HOP_BY_HOP, LAST_CHUNK
+from gateway.proxy.http import CONNECTION_OPTIONS, HOP_BY_HOP
 from gateway.topology import Pod
 
 if TYPE_CHECKING:
@@ -30,11 +31,12 @@ _GATEWAY_RESPONSE_HEADERS = frozenset({b"x-shard-group", b"x-request-id"})
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_body_chunked",
+        "_dechunker",
+        "_head_at",
         "_head_buffer",
-        "_headers",
+        "_head_end",
         "_informational",
-        "_reason",
+        "_raw",
         "closed",
         "ctx",
         "deadline",
@@ -68,11 +70,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.sent_at = 0.0
         self.fd = -1
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
         self._informational = False
-        self._body_chunked = False
         self._head_buffer: bytearray | None = None  # HEAD responses are delimited by hand
+        self._raw: bytes | None = None  # response bytes while its head is incomplete
+        self._dechunker: HttpResponseParser | None = None  # see _Dechunker
+        self._head_at = 0  # where the (final) response head starts in _raw
+        self._head_end = -1  # where it ends, once llhttp has seen all of it
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -118,14 +121,32 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_buffer is not None:
             self._head_data(exchange, data)
         else:
+            raw = self._raw
+            if raw is not None:
+                # Until the head is complete it is rewritten from these bytes; a head that
+                # arrives whole (the usual case) is used where it lies, without a copy.
+                raw = self._raw = raw + data if raw else data
             try:
                 self.parser.feed_data(data)
             except HttpParserError:
                 exchange.upstream_invalid(self)
                 return
+            if raw is None:
+                self._forward_body(exchange, data)
+            elif self._head_end >= 0:
+                self._raw = None
+                self._emit_head(exchange, raw[self._head_at : self._head_end], False)
+                if len(raw) > self._head_end:
+                    self._forward_body(exchange, memoryview(raw)[self._head_end :])
         exchange.client.flush_output()
         if self.response_done:
             exchange.response_complete(self)
+
+    def _forward_body(self, exchange: Exchange, data: bytes | memoryview) -> None:
+        if self._dechunker is None:
+            exchange.client.out.append(data)  # body bytes, forwarded as they came
+        else:
+            self._dechunker.feed_data(data)
 
     # -- exchange handling -----------------------------------------------------------------
 
@@ -136,6 +157,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_done = False
         self.until_close = False
         self._head_buffer = bytearray() if head_only else None
+        self._raw = None if head_only else b""
+        self._dechunker = None
+        self._head_at = 0
+        self._head_end = -1
         self.deadline = now + self.ctx.limits.upstream_header_timeout
         transport = self.transport
         assert transport is not None
@@ -173,48 +198,32 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     # -- httptools callbacks -----------------------------------------------------------------
+    # Only message boundaries are needed: without on_header/on_body methods, httptools makes
+    # no Python call per header or body piece. The head is rewritten from the raw bytes and
+    # the body is forwarded exactly as it arrived (chunked framing included).
 
     def on_message_begin(self) -> None:
         if self.response_done:
             # A second response on a request/response connection: the upstream is broken.
             raise HttpParserError("unsolicited response")
-        self._headers = []
-        self._reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:
+        raw = self._raw
+        assert raw is not None
+        end = raw.find(b"\r\n\r\n", self._head_at)
+        if end < 0:
+            raise HttpParserError("response head without CRLF line ends")
+        if self.parser.get_status_code() < 200:
             # 1xx: the gateway answers Expect itself; interim responses are not relayed.
+            self._head_at = end + 4
             self._informational = True
             return
-        exchange = self.exchange
-        assert exchange is not None
-        self.deadline = 0.0
-        self._observe_response_headers()
-        chunked = self._emit_head(exchange, status, self._reason, self._headers, head_only=False)
-        self._body_chunked = chunked and not exchange.http10
-
-    def on_body(self, body: bytes) -> None:
-        out = self.exchange.client.out  # type: ignore[union-attr]
-        if self._body_chunked:
-            out.append(b"%x\r\n" % len(body))
-            out.append(body)
-            out.append(b"\r\n")
-        else:
-            out.append(body)
+        self._head_end = end + 4
 
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
             return
-        if self._body_chunked:
-            self.exchange.client.out.append(LAST_CHUNK)  # type: ignore[union-attr]
         self.keep_alive = self.parser.should_keep_alive()
         self.response_done = True
 
@@ -224,52 +233,43 @@ class UpstreamConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.metrics.response_headers(self.pod.group).observe(ctx.loop.time() - self.sent_at)
 
-    def _emit_head(
-        self,
-        exchange: Exchange,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        head_only: bool,
-    ) -> bool:
-        """Queue the rewritten response head for the client; return whether the body is chunked."""
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        chunked = False
-        has_length = False
-        extra_hop: set[bytes] | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"connection":
-                    tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
-                    if tokens:
-                        extra_hop = (extra_hop or set()) | tokens
-                continue
-            if lname == b"transfer-encoding":
-                chunked = value.rstrip().lower().endswith(b"chunked")
-                if exchange.http10:
-                    continue
-            elif lname == b"content-length":
-                has_length = True
-            elif lname in _GATEWAY_RESPONSE_HEADERS:
-                continue
-            parts.append(b"%s: %s\r\n" % (name, value))
-        if extra_hop:
-            parts = [parts[0]] + [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in extra_hop]
-        parts.append(b"X-Shard-Group: %s\r\nX-Request-ID: %s\r\n" % (exchange.group_bytes, exchange.rid))
-        bodiless = head_only or status in _NO_BODY_STATUSES
+    def _emit_head(self, exchange: Exchange, head: bytes, head_only: bool) -> None:
+        """Queue the response head for the client, rewritten in place: hop-by-hop fields out,
+        X-Shard-Group and X-Request-ID in, everything else byte for byte."""
+        self.deadline = 0.0
+        self._observe_response_headers()
+        line_end = head.find(b"\r\n")
+        status_line = head[:line_end]
+        status = int(status_line[9:12]) if status_line[9:12].isdigit() else 502
+        if not status_line.startswith(b"HTTP/1.1 "):
+            status_line = b"HTTP/1.1" + status_line[8:]  # we speak 1.1 to the client, whatever they did
+        fields = head[line_end:-4]  # "\r\nName: value" per field
+        lower = fields.lower()
+        if _REWRITE.search(lower) is not None:
+            fields = _without_hop_by_hop(fields, lower)
+            lower = fields.lower()
+        chunked = _is_chunked(lower)
+        has_length = b"\r\ncontent-length:" in lower
+        if chunked and exchange.http10 and not head_only:
+            # An HTTP/1.0 client cannot read chunked framing: decode it, end with the close.
+            fields = _without_fields(fields, lower, {b"transfer-encoding"})
+            self._dechunker = _Dechunker.parser(exchange.client.out)
+        bodiless = head_only or status in _NO_BODY_STATUSES or 100 <= status < 200
         self.until_close = not bodiless and not has_length and not chunked
         if self.until_close or (chunked and exchange.http10):
             exchange.keep_alive = False  # the client's body ends when the connection does
         if not exchange.keep_alive or exchange.client.ctx.draining:
             exchange.keep_alive = False
-            parts.append(b"Connection: close\r\n")
+            connection = b"\r\nConnection: close"
         elif exchange.http10:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            connection = b"\r\nConnection: keep-alive"
+        else:
+            connection = b""
         exchange.response_started(status)
-        exchange.client.out.append(b"".join(parts))
-        return chunked
+        exchange.client.out.append(
+            b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n"
+            % (status_line, fields, exchange.group_bytes, exchange.rid, connection)
+        )
 
     def _head_data(self, exchange: Exchange, data: bytes) -> None:
         """Delimit a HEAD response by hand: llhttp cannot be told that no body follows."""
@@ -282,36 +282,82 @@ class UpstreamConnection(asyncio.Protocol):
                 if len(buffer) > 65536:
                     exchange.upstream_invalid(self)
                 return
-            head = bytes(buffer[:end])
+            head = bytes(buffer[: end + 4])
             rest = buffer[end + 4 :]
-            lines = head.split(b"\r\n")
-            status_line = lines[0].split(b" ", 2)
-            if (
-                len(status_line) < 2
-                or not status_line[0].startswith(b"HTTP/1.")
-                or not status_line[1].isdigit()
-            ):
+            version, _, rest_of_line = head.partition(b" ")
+            code = rest_of_line[:3]
+            if not version.startswith(b"HTTP/1.") or not code.isdigit():
                 exchange.upstream_invalid(self)
                 return
-            status = int(status_line[1])
-            if status < 200:
+            if int(code) < 200:
                 buffer[:] = rest
                 continue
-            headers = []
-            for line in lines[1:]:
-                name, sep, value = line.partition(b":")
-                if not sep or not name or name != name.strip():
-                    exchange.upstream_invalid(self)
-                    return
-                headers.append((name, value.strip()))
-            connection = b",".join(v for n, v in headers if n.lower() == b"connection").lower()
-            self.keep_alive = not rest and b"close" not in connection and status_line[0] == b"HTTP/1.1"
-            self.deadline = 0.0
-            self._observe_response_headers()
+            lower = head.lower()
+            self.keep_alive = (
+                not rest
+                and version == b"HTTP/1.1"
+                and re.search(rb"\r\nconnection:[^\r]*close", lower) is None
+            )
             self._head_buffer = None
-            self._emit_head(exchange, status, status_line[2] if len(status_line) > 2 else b"", headers, True)
+            self._emit_head(exchange, head, True)
             self.response_done = True
             return
+
+
+_HOP_NAMES = b"|".join(sorted(HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS))
+# A field the client must not get from the upstream (searched in the lower-cased field block).
+_REWRITE = re.compile(rb"\r\n(?:" + _HOP_NAMES + rb")[ \t]*:")
+
+
+def _without_hop_by_hop(fields: bytes, lower: bytes) -> bytes:
+    """Drop hop-by-hop fields (and those the Connection field names) and the gateway's own."""
+    named: set[bytes] = set()
+    for match in re.finditer(rb"\r\nconnection[ \t]*:([^\r]*)", lower):
+        named.update(t.strip() for t in match.group(1).split(b",") if t.strip())
+    return _without_fields(
+        fields, lower, HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS | (named - CONNECTION_OPTIONS)
+    )
+
+
+def _without_fields(fields: bytes, lower: bytes, names: set[bytes]) -> bytes:
+    """``fields`` (a "\\r\\nName: value" sequence) without the fields called ``names``."""
+    kept = []
+    start = 0
+    while start < len(fields):
+        end = fields.find(b"\r\n", start + 2)
+        if end < 0:
+            end = len(fields)
+        name = lower[start + 2 : end].split(b":", 1)[0].rstrip()
+        if name not in names:
+            kept.append(fields[start:end])
+        start = end
+    return b"".join(kept)
+
+
+class _Dechunker:
+    """Turns chunked body bytes into plain ones, for a client that cannot read chunks."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: list[bytes | memoryview]) -> None:
+        self.out = out
+
+    def on_body(self, body: bytes) -> None:
+        self.out.append(body)
+
+    @classmethod
+    def parser(cls, out: list[bytes | memoryview]) -> HttpResponseParser:
+        parser = HttpResponseParser(cls(out))
+        parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        return parser
+
+
+def _is_chunked(lower: bytes) -> bool:
+    at = lower.find(b"\r\ntransfer-encoding:")
+    if at < 0:
+        return False
+    end = lower.find(b"\r\n", at + 2)
+    return lower[at : end if end >= 0 else len(lower)].rstrip().endswith(b"chunked")
 
 
 # -- the per-pod idle pool -------------------------------------------------------------------
