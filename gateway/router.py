@@ -9,7 +9,9 @@ from __future__ import annotations
 import random
 import re
 
-from gateway.topology import GroupView, Pod, Topology
+from gateway.topology import Decision, GroupView, Pod, Topology
+
+__all__ = ["Decision", "Refusal", "choose_pod", "decide", "is_write", "owner_group"]
 
 MAX_KEY_BYTES = 256
 _CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
@@ -38,17 +40,6 @@ class Refusal:
 
     def __repr__(self) -> str:
         return f"Refusal({self.status}, {self.code!r})"
-
-
-class Decision:
-    """Where a request may go: ``candidates`` is the whole allowed set (used again on retry)."""
-
-    __slots__ = ("candidates", "group", "is_write")
-
-    def __init__(self, is_write: bool, group: str | None, candidates: tuple[Pod, ...]) -> None:
-        self.is_write = is_write
-        self.group = group  # owner group for writes and owner reads; None for "any pod" reads
-        self.candidates = candidates
 
 
 MISSING_KEY = Refusal(400, "missing_shard_key", "a write needs the shard key header")
@@ -113,16 +104,16 @@ def decide(
             return MISSING_KEY
         if not owner.ready:
             return shard_unavailable(owner.name)
-        return Decision(True, owner.name, owner.ready)
+        return owner.write_decision
     reads = topology.reads
     if owner is not None and reads != "any":
         if owner.ready:
-            return Decision(False, owner.name, owner.ready)
+            return owner.read_decision
         if reads == "owner":
             return shard_unavailable(owner.name)
     if not topology.ready:
         return NO_READY_POD
-    return Decision(False, None, topology.ready)
+    return topology.any_read
 
 
 def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod | None:

@@ -75,6 +75,21 @@ class Pod:
         return f"Pod({self.group}, {self.address}, {self.state})"
 
 
+class Decision:
+    """Where a request may go: ``candidates`` is the whole allowed set (used again on retry).
+
+    Immutable and shared: a snapshot holds one per group and kind, built with it, so routing
+    a request allocates nothing.
+    """
+
+    __slots__ = ("candidates", "group", "is_write")
+
+    def __init__(self, is_write: bool, group: str | None, candidates: tuple[Pod, ...]) -> None:
+        self.is_write = is_write
+        self.group = group  # owner group for writes and owner reads; None for "any pod" reads
+        self.candidates = candidates
+
+
 @dataclass(frozen=True, slots=True)
 class GroupView:
     name: str
@@ -82,6 +97,8 @@ class GroupView:
     source: str  # "endpoints" or "service:<name>"
     pods: tuple[Pod, ...]
     ready: tuple[Pod, ...]
+    write_decision: Decision
+    read_decision: Decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +114,9 @@ class Topology:
     operation_header: bytes | None
     write_methods: frozenset[bytes]
     reads: str
+    any_read: Decision  # a read that may go to any ready pod of any group
+    epoch_bytes: bytes
     created: float = field(default_factory=time.time)
-
-    @property
-    def epoch_bytes(self) -> bytes:
-        return self.epoch.encode()
 
     def describe(self) -> dict[str, object]:
         """JSON-ready view for /debug/ring."""
@@ -195,20 +210,31 @@ class TopologyBuilder:
                 pods.append(pod)
             ready = tuple(p for p in pods if p.state is PodState.READY)
             all_ready.extend(ready)
-            groups[group.name] = GroupView(group.name, group.weight, source, tuple(pods), ready)
+            groups[group.name] = GroupView(
+                group.name,
+                group.weight,
+                source,
+                tuple(pods),
+                ready,
+                Decision(True, group.name, ready),
+                Decision(False, group.name, ready),
+            )
         for ident in [i for i in self._pods if i not in seen]:
             self._set_state(self._pods.pop(ident), PodState.REMOVED)
         routing = config.routing
+        epoch = config_epoch(config)
         return Topology(
             config=config,
             ring=self._ring,
-            epoch=config_epoch(config),
+            epoch=epoch,
             groups=groups,
             ready=tuple(all_ready),
             key_header=routing.key_header.lower().encode(),
             operation_header=routing.operation_header.lower().encode() if routing.operation_header else None,
             write_methods=frozenset(m.encode() for m in routing.write_methods),
             reads=routing.reads,
+            any_read=Decision(False, None, tuple(all_ready)),
+            epoch_bytes=epoch.encode(),
         )
 
     @staticmethod

@@ -311,12 +311,24 @@ _REWRITE = re.compile(rb"\r\n(?:" + _HOP_NAMES + rb")[ \t]*:")
 
 def _without_hop_by_hop(fields: bytes, lower: bytes) -> bytes:
     """Drop hop-by-hop fields (and those the Connection field names) and the gateway's own."""
+    pieces = []
+    kept_from = 0
     named: set[bytes] = set()
-    for match in re.finditer(rb"\r\nconnection[ \t]*:([^\r]*)", lower):
-        named.update(t.strip() for t in match.group(1).split(b",") if t.strip())
-    return _without_fields(
-        fields, lower, HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS | (named - CONNECTION_OPTIONS)
-    )
+    for match in _REWRITE.finditer(lower):
+        start = match.start()
+        end = lower.find(b"\r\n", match.end())
+        if end < 0:
+            end = len(lower)
+        if lower.startswith(b"\r\nconnection", start):
+            tokens = lower[match.end() : end].split(b",")
+            named.update(t.strip() for t in tokens if t.strip() not in CONNECTION_OPTIONS)
+        pieces.append(fields[kept_from:start])
+        kept_from = end
+    pieces.append(fields[kept_from:])
+    result = b"".join(pieces)
+    if named:  # "Connection: X-Foo" makes X-Foo hop-by-hop too (rare)
+        result = _without_fields(result, result.lower(), named)
+    return result
 
 
 def _without_fields(fields: bytes, lower: bytes, names: set[bytes]) -> bytes:
