@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean system-deps
+.PHONY: demo test lint bench clean system-deps checkov-venv
 
 # Programs the tests and benchmarks drive (real nginx/HAProxy/wrk, not mocks). Installed with
 # apt-get when missing and we are root; otherwise the tests that need them say why they skip.
 # Each entry is command:debian-package.
-SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus
+SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus kubectl:kubectl
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,15 +30,24 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "missing$$missing and cannot apt-get: tests that need them will be skipped"; fi
 
+# checkov (tests/deploy) in its own venv: its pins conflict with the kubernetes client. If it
+# cannot be installed, the checkov tests say why they skip.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/bin/checkov:
+	@$(PYTHON) -m venv $(CHECKOV_VENV) && $(CHECKOV_VENV)/bin/pip install -q 'checkov>=3.2' \
+		|| echo "could not install checkov into $(CHECKOV_VENV): its tests will be skipped"
+
+checkov-venv: $(CHECKOV_VENV)/bin/checkov
+
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps checkov-venv lint
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov build *.egg-info .pytest_cache .ruff_cache
