@@ -248,7 +248,8 @@ class TopologyBuilder:
 class TopologyHolder:
     """The current snapshot plus change listeners; the data plane reads ``.current``."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_changes: bool = True) -> None:
+        self._log_changes = log_changes
         self.current: Topology | None = None
         self.swaps = 0
         self.last_swap: float | None = None
@@ -262,7 +263,7 @@ class TopologyHolder:
         self.current = topology
         self.swaps += 1
         self.last_swap = time.time()
-        if previous is None or previous.epoch != topology.epoch:
+        if self._log_changes and (previous is None or previous.epoch != topology.epoch):
             log.info(
                 "topology epoch %s: %d groups, %d ready pods",
                 topology.epoch,

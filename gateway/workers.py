@@ -112,6 +112,8 @@ class Supervisor:
         self._port_reservation: socket.socket | None = None
         self._listen = settings.listen
         self._pod_stats: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._last_counters: dict[int, dict[str, Any]] = {}  # worker index -> last snapshot
+        self._retired = Metrics()  # counters of workers that died, still part of the sums
         self._monitors: list[asyncio.Task[None]] = []
 
     # -- start -------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ class Supervisor:
             self.workers[index] = worker
             code = await worker.proc.wait()
             await worker.reader
+            self._retire(index)
             if self.stopping:
                 return
             self.metrics.worker_restarts += 1
@@ -175,6 +178,13 @@ class Supervisor:
                 "worker %d (pid %d) exited with %s; restarting in %.1fs", index, worker.proc.pid, code, delay
             )
             await asyncio.sleep(delay)
+
+    def _retire(self, index: int) -> None:
+        """Keep a dead worker's last counters in the sums (its open connections are gone)."""
+        last = self._last_counters.pop(index, None)
+        if last is not None:
+            last["counters"]["client_connections_open"] = 0
+            self._retired.merge(last)
 
     async def _spawn(self, index: int) -> WorkerProcess:
         env = dict(os.environ)
@@ -209,14 +219,22 @@ class Supervisor:
         return f"workers not ready: {down}" if down else None
 
     async def _gather_metrics(self) -> None:
+        """Sum the workers' counters. A worker that does not answer in time counts with its
+        last answer, and a dead worker's last answer stays in the sum (``_retired``), so the
+        summed counters never go down, which Prometheus would take for a reset."""
         live = [w for w in self.workers if w is not None and w.ready]
         replies = await asyncio.gather(*(w.ask({"op": "metrics"}, SCRAPE_TIMEOUT) for w in live))
+        for worker, reply in zip(live, replies, strict=True):
+            if reply is not None:
+                self._last_counters[worker.index] = reply["data"]
         self.metrics.reset_data_plane()
+        self.metrics.merge(self._retired.snapshot())
+        for snapshot in self._last_counters.values():
+            self.metrics.merge(snapshot)
         pod_stats: dict[tuple[str, str], tuple[int, int, int]] = {}
         for reply in replies:
             if reply is None:
                 continue
-            self.metrics.merge(reply["data"])
             for group, address, *stats in reply["pods"]:
                 before = pod_stats.get((group, address), (0, 0, 0))
                 pod_stats[(group, address)] = (
@@ -307,7 +325,7 @@ async def supervise(settings: Settings) -> int:
 class Worker:
     def __init__(self, listen: tuple[str, int], env: Mapping[str, str]) -> None:
         self.metrics = Metrics()
-        self.holder = TopologyHolder()
+        self.holder = TopologyHolder(log_changes=False)  # the supervisor logs epoch changes once
         self.builder = TopologyBuilder(on_retire=close_idle)
         self.data = DataPlane(
             listen,
@@ -398,7 +416,10 @@ def main() -> int:
     env = os.environ
     # stdout is the pipe to the supervisor: logs go to stderr. The supervisor checked the values.
     configure_logging(env.get("SHARDGATE_LOG_LEVEL", "INFO").upper(), log_format(env), sys.stderr)
-    logging.getLogger().addFilter(_WorkerTag(env.get("SHARDGATE_WORKER_INDEX", "?")))
+    # On the handler: a logger's own filters do not see records from its child loggers.
+    tag = _WorkerTag(env.get("SHARDGATE_WORKER_INDEX", "?"))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(worker_main())
 

@@ -59,6 +59,7 @@ class Exchange:
         "chunked",
         "client",
         "decision",
+        "error",
         "expect_continue",
         "group_bytes",
         "head",
@@ -91,6 +92,7 @@ class Exchange:
         self.start_time = start_time
         self.decision: Decision | None = None
         self.refusal: Refusal | None = None  # set when the gateway answers this request itself
+        self.error: str | None = None  # the error code the gateway answered with, if any
         self.head = b""
         self.rid = b""
         self.group_bytes = b""
@@ -581,6 +583,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or exchange.response_done:
             return
         self.ctx.metrics.refused(code)
+        exchange.error = code
         exchange._leave_pod()
         exchange.status = status
         exchange.response_done = True
@@ -650,7 +653,6 @@ class ClientConnection(asyncio.Protocol):
         topology = self.ctx.holder.current
         traceparent = exchange.traceparent
         pod = exchange.served_by
-        refusal = exchange.refusal
         self.ctx.access_log.log(
             {
                 "request_id": exchange.rid.decode("latin-1"),
@@ -664,7 +666,7 @@ class ClientConnection(asyncio.Protocol):
                 "epoch": topology.epoch if topology else None,
                 "duration_ms": round(seconds * 1000, 3),
                 "client": self.peer.decode("latin-1"),
-                "error": refusal.code if refusal else None,
+                "error": exchange.error,
             }
         )
 

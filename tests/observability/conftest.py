@@ -1,0 +1,155 @@
+"""Harness for the observability tests: real gateways, real upstreams, the gateway's own log file.
+
+The gateway and upstream helpers of ``tests/integration`` are reused as they are; their fixtures
+are re-declared thinly here (a conftest's fixtures are only visible under its own directory).
+Everything waits by polling with a deadline; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Gateway, GatewayFactory, UpstreamFactory
+
+DEADLINE = 15.0  # generous: the machine is often loaded by other test runs
+PROMTOOL = shutil.which("promtool")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or the deadline passes; the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+def require_promtool() -> str:
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (Debian package 'prometheus'; `make system-deps`)")
+    return PROMTOOL
+
+
+def promtool(
+    *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_promtool(), *args], input=stdin, capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway's log file (stdout and stderr of the process, one JSON object per line)
+
+
+@dataclass(frozen=True)
+class LogView:
+    entries: list[dict[str, Any]]
+    not_json: list[str]  # lines that are not a JSON object
+
+    def by(self, logger: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e.get("logger") == logger]
+
+    def access(self) -> list[dict[str, Any]]:
+        return self.by("shardgate.access")
+
+
+def read_log(gateway: Gateway) -> LogView:
+    entries: list[dict[str, Any]] = []
+    not_json: list[str] = []
+    try:
+        text = gateway.log_path.read_text(errors="replace")
+    except OSError:
+        return LogView([], [])
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif lines:
+        lines.pop()  # a line still being written
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            not_json.append(line)
+            continue
+        if isinstance(doc, dict):
+            entries.append(doc)
+        else:
+            not_json.append(line)
+    return LogView(entries, not_json)
+
+
+def wait_for_log(
+    gateway: Gateway, predicate: Callable[[dict[str, Any]], bool], timeout: float = DEADLINE
+) -> LogView:
+    """The log once some entry satisfies ``predicate``; fails with the log's tail otherwise."""
+    views: list[LogView] = []
+
+    def found() -> bool:
+        views.append(read_log(gateway))
+        return any(predicate(e) for e in views[-1].entries)
+
+    assert wait_for(found, timeout, interval=0.05), f"no such log entry in {timeout}s:\n{gateway.log_tail()}"
+    return views[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ambient_otel() -> Iterator[None]:
+    """The gateways inherit this process's environment: OTEL_* set outside must not turn tracing
+    on (or point it elsewhere) behind the tests' backs."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("OTEL_")]:
+            patch.delenv(name)
+        yield
+
+
+def _finish(factory: GatewayFactory) -> None:
+    problems = factory.close()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
+    factory = GatewayFactory(tmp_path)
+    yield factory
+    _finish(factory)
+
+
+@pytest.fixture(scope="module")
+def module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    factory = GatewayFactory(tmp_path_factory.mktemp("gateways"))
+    yield factory
+    _finish(factory)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[UpstreamFactory]:
+    factory = UpstreamFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_upstreams() -> Iterator[UpstreamFactory]:
+    factory = UpstreamFactory()
+    yield factory
+    factory.close()
