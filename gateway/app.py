@@ -83,6 +83,7 @@ class Gateway:
     def begin_drain(self) -> None:
         """Readiness turns 503 at once; requests are still served until ``stop``."""
         self.draining = True
+        self.data.begin_drain()
 
     async def stop(self, grace_timeout: float | None = None) -> None:
         """Stop accepting, let in-flight exchanges finish (up to the grace timeout), close the rest."""

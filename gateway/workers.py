@@ -202,8 +202,8 @@ class Supervisor:
         )
         worker = WorkerProcess(index, proc)
         topology = self.control.current
-        if topology is not None:
-            await worker.send(topology_message(topology))
+        # Always a first message: the worker binds the port only after reading it.
+        await worker.send(topology_message(topology) if topology is not None else {"op": "no_topology"})
         return worker
 
     def _broadcast(self, topology: Topology) -> None:
@@ -255,6 +255,9 @@ class Supervisor:
 
     def begin_drain(self) -> None:
         self.draining = True
+        for worker in self.workers:
+            if worker is not None:
+                asyncio.get_running_loop().create_task(worker.send({"op": "drain"}))
 
     async def stop(self) -> None:
         """Every worker drains (stops accepting, finishes in-flight requests up to the grace
@@ -360,10 +363,18 @@ async def worker_main() -> int:
     env = os.environ
     listen = parse_host_port(env["SHARDGATE_LISTEN"])
     worker = Worker(listen, env)
-    await worker.data.start()
 
     reader = asyncio.StreamReader(limit=MESSAGE_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    # The kernel hands a listening SO_REUSEPORT socket its share of new connections at once:
+    # bind only with the topology in hand, or every one of them would get 503 not_ready.
+    first = await reader.readline()
+    if not first:
+        return 0
+    message = json.loads(first)
+    if message.get("op") == "topology":
+        worker.apply(message)
+    await worker.data.start()
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout)
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
@@ -394,6 +405,8 @@ async def worker_main() -> int:
             worker.apply(message)
         elif op == "metrics":
             say({**worker.metrics_reply(), "id": message.get("id")})
+        elif op == "drain":
+            worker.data.begin_drain()
         elif op == "stop":
             stop_grace = float(message.get("grace", 20))
     await worker.data.stop(stop_grace)

@@ -53,6 +53,7 @@ class ProxyContext:
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.draining = False
+        self.closing = False  # drain delay: serve, but end keep-alive after each response
         timeouts = [
             limits.client_header_timeout,
             limits.client_idle_timeout,

@@ -59,6 +59,10 @@ class DataPlane:
     def in_flight(self) -> int:
         return 0 if self.ctx is None else len(self.ctx.clients)
 
+    def begin_drain(self) -> None:
+        if self.ctx is not None:
+            self.ctx.closing = True
+
     async def stop(self, grace: float) -> None:
         """Stop accepting; answer in-flight requests (Connection: close) for up to ``grace``
         seconds while closing connections as they go idle; then close whatever is left."""

@@ -590,7 +590,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange.upstream is not None:
             exchange.upstream.abort()
             exchange.upstream = None
-        close = not exchange.keep_alive or not exchange.request_done or self.ctx.draining
+        close = not exchange.keep_alive or not exchange.request_done or self.ctx.draining or self.ctx.closing
         exchange.keep_alive = not close
         self.out.append(
             error_response(

@@ -258,7 +258,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.until_close = not bodiless and not has_length and not chunked
         if self.until_close or (chunked and exchange.http10):
             exchange.keep_alive = False  # the client's body ends when the connection does
-        if not exchange.keep_alive or exchange.client.ctx.draining:
+        if not exchange.keep_alive or exchange.client.ctx.draining or exchange.client.ctx.closing:
             exchange.keep_alive = False
             connection = b"\r\nConnection: close"
         elif exchange.http10:

@@ -1,0 +1,229 @@
+"""SIGTERM to a gateway replica under load, as Kubernetes stops a pod behind a Service.
+
+Two gateway replicas on the same config; the client behind the "Service" opens new connections
+only to replicas whose ``/readyz`` is 200 (an endpoints controller polls it) and keeps its
+open keep-alive connections where they are, as kube-proxy does. The first replica gets SIGTERM
+while a 5-second streamed response, a held request and the client's load are in flight.
+Contract (DESIGN "Lifecycle"): ``/readyz`` turns 503 at once; the replica keeps serving for the
+drain delay; then it stops accepting, answers what is in flight (``Connection: close``), closes
+idle keep-alive connections and exits 0. A second SIGTERM or SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import GatewayFactory as StaticGatewayFactory
+from tests.integration.conftest import Recipe, group_of
+from tests.lifecycle.conftest import (
+    Background,
+    ConnectionFailed,
+    Outcome,
+    ServiceClient,
+    TrackedConn,
+    UpstreamSet,
+    connect_refused,
+    one_request,
+    readyz,
+    wait_for,
+)
+
+DRAIN_DELAY = 2.0
+STREAM_CHUNKS, STREAM_INTERVAL = 10, 0.5  # a chunk every 0.5 s for 5 s
+
+
+def read_stream(port: int) -> dict[str, Any]:
+    """GET the slow stream through the gateway on a fresh connection; what arrived, and when."""
+    with TrackedConn(port, timeout=30) as conn:
+        started = time.monotonic()
+        resp = conn.request("GET", f"/stream?chunks={STREAM_CHUNKS}&interval={STREAM_INTERVAL}", "streamer")
+        ended = time.monotonic()
+        closed, extra = conn.wait_closed(10)
+        return {
+            "status": resp.status,
+            "body": resp.body,
+            "chunked": resp.chunked,
+            "started": started,
+            "ended": ended,
+            "closed_after": closed,
+            "extra": extra,
+        }
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_under_load_drains_in_flight_requests_while_the_other_replica_takes_over(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory
+) -> None:
+    pods = [upstreams("g-a", "a-1"), upstreams("g-b", "b-1")]
+    groups = [group_of("g-a", [pods[0].address]), group_of("g-b", [pods[1].address])]
+    recipe = Recipe(groups)
+    env = {"SHARDGATE_DRAIN_DELAY": str(DRAIN_DELAY), "SHARDGATE_GRACE_TIMEOUT": "15"}
+    gw1, gw2 = static_gateways(groups, env=env), static_gateways(groups, env=env)
+    keys = recipe.keys_owned_by("g-a", 6) + recipe.keys_owned_by("g-b", 6)
+    key = keys[0]
+
+    # In flight on gw1 before SIGTERM: the slow stream; a kept-alive connection (one request
+    # done) that will carry a held request across the end of the drain delay; an idle one.
+    stream = Background(lambda: read_stream(gw1.port), name="stream")
+    assert wait_for(lambda: len(upstreams.hits(lambda h: h.path == "/stream")) == 1), "stream never started"
+    probe, idle = TrackedConn(gw1.port), TrackedConn(gw1.port)
+    for conn in (probe, idle):
+        resp = conn.request("GET", "/orders", key)
+        assert resp.status == 200 and not resp.closes, resp
+
+    times: dict[str, float] = {}
+
+    def unaccepted(outcome: Outcome) -> bool:
+        """The gateway never took this request: it closed the idle kept-alive connection (at the
+        end of the drain) before reading it. Checked again, strictly, at the end."""
+        stopping = times.get("sigterm", float("inf")) + DRAIN_DELAY - 0.2
+        return (
+            outcome.port == gw1.port
+            and outcome.reused
+            and not outcome.got_bytes
+            and outcome.started >= stopping
+            and not upstreams.hits(lambda h: h.request_id == outcome.request_id)
+        )
+
+    client = ServiceClient({gw1.port: gw1.admin_port, gw2.port: gw2.admin_port}, keys, unaccepted, threads=3)
+    held: Background | None = None
+    try:
+        with client:
+            assert client.progress(100), "no load"
+            times["sigterm"] = time.monotonic()
+            gw1.proc.send_signal(signal.SIGTERM)
+            gw1.expect_exit = True
+
+            # Not ready at once ...
+            assert wait_for(lambda: readyz(gw1.admin_port) == 503, timeout=2.0), "/readyz still 200"
+            times["unready"] = time.monotonic()
+            # ... while still serving, on new connections too, during the drain delay.
+            resp = one_request(gw1.port, "POST", "/orders", key)
+            assert resp.status == 200 and resp.header("X-Shard-Group") == recipe.owner(key), resp
+            assert time.monotonic() < times["sigterm"] + DRAIN_DELAY, "too slow to check the drain delay"
+            # Accepted during the drain delay, answered after it (the pod holds it).
+            held = Background(lambda: probe.request("POST", "/hold?gate=probe", key), name="held")
+            assert wait_for(lambda: len(upstreams.hits(lambda h: h.path == "/hold")) == 1), "held never sent"
+
+            # After the drain delay: no more connections accepted; idle keep-alives are closed.
+            assert wait_for(lambda: connect_refused(gw1.port), timeout=DRAIN_DELAY + 5), "still accepting"
+            times["refused"] = time.monotonic()
+            closed, data = idle.wait_closed(5)
+            assert closed and data == b"", ("idle keep-alive connection not closed", data)
+            # The held request completes, and says the connection closes.
+            for pod in pods:
+                pod.release("probe")
+            answer = held.result(10)
+            assert answer.status == 200 and answer.closes, (answer.status, answer.headers)
+            assert probe.wait_closed(5)[0], "connection kept open after Connection: close"
+
+            # The 5 s stream finishes whole; only then does gw1 exit, with 0.
+            streamed = stream.result(15)
+            assert gw1.proc.wait(15) == 0, gw1.log_tail()
+            times["exited"] = time.monotonic()
+            assert client.progress(100), "the client stalled after gw1 left"
+    finally:
+        for pod in pods:
+            pod.release("probe")
+        probe.close()
+        idle.close()
+    outcomes = client.outcomes
+    print(
+        f"\nsigterm->503 {times['unready'] - times['sigterm']:.3f}s, ->refused "
+        f"{times['refused'] - times['sigterm']:.3f}s, ->exit {times['exited'] - times['sigterm']:.3f}s; "
+        f"{len(outcomes)} requests, {sum(o.status != 200 for o in outcomes)} unaccepted and retried, "
+        f"{client.stale_reconnects} kept-alive connections found closed before reuse"
+    )
+
+    expected = b"".join(b"chunk %d of %d\n" % (i + 1, STREAM_CHUNKS) for i in range(STREAM_CHUNKS))
+    assert streamed["status"] == 200 and streamed["chunked"] and streamed["body"] == expected, streamed
+    assert streamed["ended"] - streamed["started"] >= STREAM_CHUNKS * STREAM_INTERVAL * 0.9
+    assert streamed["closed_after"] and streamed["extra"] == b"", "stream connection not closed cleanly"
+    assert times["exited"] >= streamed["ended"] - 0.05, "gw1 exited before its stream was done"
+    assert times["unready"] - times["sigterm"] < 1.0
+    assert times["refused"] - times["sigterm"] >= DRAIN_DELAY - 0.1, "stopped accepting before the drain"
+
+    # The client saw no failure at all: during the drain delay every response said
+    # Connection: close, so no kept-alive connection was left for the gateway to cut.
+    failed = [o for o in outcomes if o.status != 200]
+    assert not failed, failed[:5]
+    for o in outcomes:
+        if o.status == 200 and o.method == "POST":
+            assert o.group == recipe.owner(o.key), o
+    gw1_in_drain = [
+        o for o in outcomes if o.port == gw1.port and o.status == 200 and o.started > times["sigterm"]
+    ]
+    assert gw1_in_drain, "no client request was served by gw1 during its drain delay"
+    assert any(o.port == gw2.port and o.started > times["exited"] for o in outcomes)
+    # New connections stopped going to gw1 once it reported not ready (0.5 s for the poller).
+    late_new = [
+        o for o in outcomes if o.port == gw1.port and not o.reused and o.started > times["unready"] + 0.5
+    ]
+    assert not late_new, late_new[:3]
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_exits_at_once(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory, second: signal.Signals
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    gw = static_gateways(
+        [group_of("g-a", [pod.address])],
+        env={"SHARDGATE_DRAIN_DELAY": "10", "SHARDGATE_GRACE_TIMEOUT": "20"},
+    )
+    held = Background(lambda: one_request(gw.port, "GET", "/hold?gate=never", "k"), name="held")
+    try:
+        assert wait_for(lambda: len(pod.hits(lambda h: h.path == "/hold")) == 1), "held never sent"
+        gw.expect_exit = True
+        gw.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: readyz(gw.admin_port) == 503, timeout=3.0), "/readyz still 200"
+        assert gw.alive(), "the first SIGTERM must drain, not exit"
+        sent = time.monotonic()
+        gw.proc.send_signal(second)
+        try:
+            code = gw.proc.wait(8)  # drain delay 10 s + grace 20 s if it did not listen
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 8 s after a second {second.name}:\n{gw.log_tail()}")
+        elapsed = time.monotonic() - sent
+        print(f"\nexit {code} {elapsed:.3f}s after the second {second.name}")
+        assert elapsed < 5.0
+        # The request in flight is cut off (or refused), never answered as if it had succeeded.
+        try:
+            cut = held.result(10)
+        except ConnectionFailed:
+            pass
+        else:
+            assert cut.status != 200, cut
+    finally:
+        pod.release("never")
+
+
+@pytest.mark.timeout(30)
+def test_keep_alive_connections_are_told_to_close_during_the_drain_delay(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    gw = static_gateways(
+        [group_of("g-a", [pod.address])], env={"SHARDGATE_DRAIN_DELAY": "5", "SHARDGATE_GRACE_TIMEOUT": "5"}
+    )
+    with TrackedConn(gw.port) as conn:
+        first = conn.request("POST", "/orders", "k")
+        assert first.status == 200 and not first.closes, first
+        gw.expect_exit = True
+        sigterm = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: readyz(gw.admin_port) == 503, timeout=2.0), "/readyz still 200"
+        # Still served during the drain delay, but the client is asked to reconnect (elsewhere:
+        # the Service no longer lists this replica), so that no busy keep-alive connection is
+        # left to be closed under its client when the drain delay ends.
+        during = conn.request("POST", "/orders", "k")
+        assert time.monotonic() < sigterm + 5.0, "too slow to check the drain delay"
+        assert during.status == 200, during
+        assert during.closes, f"no Connection: close during the drain delay: {during.headers}"
+        assert conn.wait_closed(2)[0]
