@@ -62,6 +62,13 @@ class ShardRing:
             self.hits += 1
         return group
 
+    def cached_name(self, raw_key: bytes) -> str | None:
+        """The hot path's lookup: the cached owner of an already validated raw key, if any."""
+        group = self._cache.get(raw_key)
+        if group is not None:
+            self.hits += 1
+        return group
+
     def remember(self, raw_key: bytes, group: str) -> None:
         cache = self._cache
         if len(cache) >= self._cache_size:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import random
 import re
 
-from gateway.topology import Decision, GroupView, Pod, Topology
+from gateway.topology import Decision, GroupView, Pod, PodState, Topology
 
 __all__ = ["Decision", "Refusal", "choose_pod", "decide", "is_write", "owner_group"]
 
 MAX_KEY_BYTES = 256
+_READY = PodState.READY
 _CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
 _WHITESPACE = b" \t"
 _WRITE = b"write"
@@ -90,10 +91,13 @@ def decide(
 ) -> Decision | Refusal:
     if topology is None:
         return NOT_READY
-    write = is_write(topology, method, operation)
+    write = method in topology.write_methods or (
+        operation is not None and operation.strip(_WHITESPACE).lower() == _WRITE
+    )  # is_write(), inlined: this runs for every request
     owner: GroupView | None = None
     if raw_key is not None:
-        found = owner_group(topology, raw_key)
+        name = topology.ring.cached_name(raw_key)
+        found = topology.groups[name] if name is not None else owner_group(topology, raw_key)
         if isinstance(found, Refusal):
             if write or found is not MISSING_KEY:
                 return found
@@ -121,7 +125,7 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
     count = len(candidates)
     if count == 1:
         pod = candidates[0]
-        return None if pod is exclude or not pod.eligible else pod
+        return None if pod is exclude or pod.state is not _READY else pod
     if exclude is not None or count == 0:
         candidates = tuple(p for p in candidates if p is not exclude and p.eligible)
         count = len(candidates)
@@ -138,9 +142,11 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
             j += 1
         first, second = candidates[i], candidates[j]
     # A pod may have left the eligible set after this snapshot was taken (drain): skip it.
-    if not (first.eligible and second.eligible):
-        if first.eligible or second.eligible:
-            return first if first.eligible else second
+    first_ok = first.state is _READY
+    second_ok = second.state is _READY
+    if not (first_ok and second_ok):
+        if first_ok or second_ok:
+            return first if first_ok else second
         eligible = tuple(p for p in candidates if p.eligible)
         return choose_pod(eligible) if eligible else None
     if first.inflight < second.inflight:

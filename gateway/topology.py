@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from gateway.config import ShardConfig
 from gateway.ring import ShardRing, config_epoch
@@ -43,6 +44,7 @@ class Pod:
         "closer",
         "connections",
         "group",
+        "header_latency",
         "host",
         "idle",
         "inflight",
@@ -66,6 +68,8 @@ class Pod:
         # Set by the data plane: called when the pod leaves the eligible set so that idle
         # pooled connections are closed at once.
         self.closer: Callable[[Pod], None] | None = None
+        # The data plane's response-header latency histogram for this pod's group (a cache).
+        self.header_latency: Any = None
 
     @property
     def eligible(self) -> bool:

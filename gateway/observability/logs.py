@@ -77,7 +77,7 @@ def log_format(env: Mapping[str, str]) -> str:
 class AccessLog:
     """Decides, per finished request, whether it is logged; cheap when the answer is no."""
 
-    __slots__ = ("enabled", "everything", "logger", "ratio", "slow")
+    __slots__ = ("enabled", "everything", "logger", "ratio", "sampling", "slow")
 
     def __init__(self, mode: str = "errors", slow_seconds: float = 1.0) -> None:
         self.logger = logging.getLogger("shardgate.access")
@@ -87,6 +87,8 @@ class AccessLog:
         self.ratio = 0.0
         if mode not in ("all", "off", "errors"):
             self.ratio = float(mode)
+        # Whether a fast request that succeeded may be logged at all (the hot path asks this).
+        self.sampling = self.everything or self.ratio > 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AccessLog:

@@ -108,8 +108,8 @@ class Metrics:
     )
 
     def __init__(self) -> None:
-        self._reads: dict[str, RouteStats] = {}
-        self._writes: dict[str, RouteStats] = {}
+        self.read_routes: dict[str, RouteStats] = {}  # read by the hot path directly
+        self.write_routes: dict[str, RouteStats] = {}
         self._connect: dict[str, Histogram] = {}
         self._response_headers: dict[str, Histogram] = {}
         self.loop_lag = Histogram(LAG_BOUNDS)
@@ -131,7 +131,7 @@ class Metrics:
     # -- hot path -----------------------------------------------------------------------------
 
     def route(self, group: str, write: bool) -> RouteStats:
-        table = self._writes if write else self._reads
+        table = self.write_routes if write else self.read_routes
         stats = table.get(group)
         if stats is None:
             stats = table[group] = RouteStats()
@@ -175,8 +175,8 @@ class Metrics:
 
     def reset_data_plane(self) -> None:
         """Zero what ``merge`` adds up, keeping control-plane counters (reloads, swaps)."""
-        self._reads.clear()
-        self._writes.clear()
+        self.read_routes.clear()
+        self.write_routes.clear()
         self._connect.clear()
         self._response_headers.clear()
         self.loop_lag = Histogram(LAG_BOUNDS)
@@ -201,9 +201,9 @@ class Metrics:
             setattr(self, name, getattr(self, name) + value)
 
     def routes(self) -> Iterator[tuple[str, str, RouteStats]]:
-        for group, stats in self._reads.items():
+        for group, stats in self.read_routes.items():
             yield group, "read", stats
-        for group, stats in self._writes.items():
+        for group, stats in self.write_routes.items():
             yield group, "write", stats
 
 

@@ -122,9 +122,6 @@ class Exchange:
 
     # -- called by the upstream connection -------------------------------------------------
 
-    def response_started(self, status: int) -> None:
-        self.status = status
-
     def response_complete(self, conn: UpstreamConnection) -> None:
         self.response_done = True
         self.upstream = None
@@ -497,9 +494,16 @@ class ClientConnection(asyncio.Protocol):
         self._update_blocks()
 
     def _update_blocks(self) -> None:
+        exchanges = self.exchanges
+        if (
+            not self.read_blocks
+            and len(exchanges) <= 1
+            and (not exchanges or exchanges[0].pending_bytes == 0)
+        ):
+            return  # the common case: reading, one request at a time, nothing buffered
         if self.closed:
             return
-        if len(self.exchanges) > 1:
+        if len(exchanges) > 1:
             self.block_reading(BLOCK_PIPELINE)
         else:
             self.unblock_reading(BLOCK_PIPELINE)
@@ -601,12 +605,18 @@ class ClientConnection(asyncio.Protocol):
 
     def exchange_done(self, exchange: Exchange) -> None:
         """The response is complete: account for it, then close or move to the next request."""
-        exchange._leave_pod()
+        pod = exchange.pod
+        if pod is not None:  # exchange._leave_pod(), inlined
+            pod.inflight -= 1
+            exchange.pod = None
         self._record(exchange, exchange.status)
-        if self.exchanges and self.exchanges[0] is exchange:
-            self.exchanges.popleft()
-        self.unblock_reading(BLOCK_UPSTREAM)
-        self.flush_output()
+        exchanges = self.exchanges
+        if exchanges and exchanges[0] is exchange:
+            exchanges.popleft()
+        if self.read_blocks & BLOCK_UPSTREAM:
+            self.unblock_reading(BLOCK_UPSTREAM)
+        if self.out:
+            self.flush_output()
         if not exchange.keep_alive or self.ctx.draining:
             self._close()
             return
@@ -637,7 +647,11 @@ class ClientConnection(asyncio.Protocol):
             group = exchange.group_bytes.decode() if exchange.group_bytes else "none"
         ctx = self.ctx
         seconds = ctx.loop.time() - exchange.start_time
-        ctx.metrics.route(group, exchange.is_write).observe(status, seconds)
+        metrics = ctx.metrics
+        stats = (metrics.write_routes if exchange.is_write else metrics.read_routes).get(group)
+        if stats is None:
+            stats = metrics.route(group, exchange.is_write)
+        stats.observe(status, seconds)
         if exchange.span is not None:
             pod = exchange.served_by
             ctx.tracing.finish(  # type: ignore[union-attr]
@@ -646,8 +660,10 @@ class ClientConnection(asyncio.Protocol):
                 {"shardgate.group": group, "shardgate.pod": pod.address if pod else ""},
             )
             exchange.span = None
-        if ctx.access_log.wants(status, seconds):
-            self._access_log(exchange, status, seconds, group)
+        access = ctx.access_log
+        if access.enabled and (status >= 500 or seconds >= access.slow or access.sampling):
+            if access.wants(status, seconds):
+                self._access_log(exchange, status, seconds, group)
 
     def _access_log(self, exchange: Exchange, status: int, seconds: float, group: str) -> None:
         topology = self.ctx.holder.current

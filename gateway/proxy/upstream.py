@@ -132,7 +132,10 @@ class UpstreamConnection(asyncio.Protocol):
                 exchange.upstream_invalid(self)
                 return
             if raw is None:
-                self._forward_body(exchange, data)
+                if self._dechunker is None:
+                    exchange.client.out.append(data)  # body bytes, forwarded as they came
+                else:
+                    self._dechunker.feed_data(data)
             elif self._head_end >= 0:
                 self._raw = None
                 self._emit_head(exchange, raw[self._head_at : self._head_end], False)
@@ -164,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = now + self.ctx.limits.upstream_header_timeout
         transport = self.transport
         assert transport is not None
-        if self.read_paused != exchange.client.write_paused:
+        if self.read_paused is not exchange.client.write_paused:
             self.set_reading(not exchange.client.write_paused)
         transport.write(data)
 
@@ -231,7 +234,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _observe_response_headers(self) -> None:
         ctx = self.ctx
-        ctx.metrics.response_headers(self.pod.group).observe(ctx.loop.time() - self.sent_at)
+        histogram = self.pod.header_latency
+        if histogram is None:  # resolved once per pod, not per response
+            histogram = self.pod.header_latency = ctx.metrics.response_headers(self.pod.group)
+        histogram.observe(ctx.loop.time() - self.sent_at)
 
     def _emit_head(self, exchange: Exchange, head: bytes, head_only: bool) -> None:
         """Queue the response head for the client, rewritten in place: hop-by-hop fields out,
@@ -245,10 +251,22 @@ class UpstreamConnection(asyncio.Protocol):
             status_line = b"HTTP/1.1" + status_line[8:]  # we speak 1.1 to the client, whatever they did
         fields = head[line_end:-4]  # "\r\nName: value" per field
         lower = fields.lower()
-        if _REWRITE.search(lower) is not None:
-            fields = _without_hop_by_hop(fields, lower)
-            lower = fields.lower()
-        chunked = _is_chunked(lower)
+        hop = _REWRITE.search(lower)
+        if hop is not None:
+            at = hop.start()
+            end = at + len(_KEEP_ALIVE_FIELD)
+            if (
+                lower.startswith(_KEEP_ALIVE_FIELD, at)
+                and (end == len(lower) or lower.startswith(b"\r\n", end))
+                and _REWRITE.search(lower, end) is None
+            ):
+                # Just "Connection: keep-alive" (nginx, most servers): cut that one field.
+                fields = fields[:at] + fields[end:]
+                lower = lower[:at] + lower[end:]
+            else:
+                fields = _without_hop_by_hop(fields, lower)
+                lower = fields.lower()
+        chunked = b"\r\ntransfer-encoding:" in lower and _is_chunked(lower)
         has_length = b"\r\ncontent-length:" in lower
         if chunked and exchange.http10 and not head_only:
             # An HTTP/1.0 client cannot read chunked framing: decode it, end with the close.
@@ -265,7 +283,7 @@ class UpstreamConnection(asyncio.Protocol):
             connection = b"\r\nConnection: keep-alive"
         else:
             connection = b""
-        exchange.response_started(status)
+        exchange.status = status
         exchange.client.out.append(
             b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n"
             % (status_line, fields, exchange.group_bytes, exchange.rid, connection)
@@ -304,6 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
 
 
+_KEEP_ALIVE_FIELD = b"\r\nconnection: keep-alive"
 _HOP_NAMES = b"|".join(sorted(HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS))
 # A field the client must not get from the upstream (searched in the lower-cased field block).
 _REWRITE = re.compile(rb"\r\n(?:" + _HOP_NAMES + rb")[ \t]*:")
