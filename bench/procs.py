@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -107,6 +108,31 @@ class Supervisor:
                 terminate_group(managed.proc, timeout)
             except KeyboardInterrupt:
                 terminate_group(managed.proc, 0.5)
+
+
+def raise_nofile_limit(wanted: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE of this process (children inherit it) to at least `wanted` if allowed.
+
+    The soft limit goes up to the hard limit; as root the hard limit goes up too (to `wanted`,
+    at most fs.nr_open). Returns the (soft, hard) limits in force afterwards.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if hard != infinite and hard < wanted and os.geteuid() == 0:
+        try:
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            nr_open = wanted
+        new_hard = min(wanted, nr_open)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, new_hard), new_hard))
+            soft, hard = max(soft, new_hard), new_hard
+    target = wanted if hard == infinite else min(max(wanted, soft), hard)
+    if soft != infinite and soft < target:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft, hard
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

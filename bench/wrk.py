@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from bench.procs import terminate_group
 from bench.tools import find_tool
 
 SCRIPT = Path(__file__).resolve().parent / "post.lua"
+TRANSFER_SCRIPT = Path(__file__).resolve().parent / "transfer.lua"
 
 # wrk prints times with these units (see its format_time / units_time).
 _TIME_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -20,6 +22,10 @@ _TIME = r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|m|h)"
 _RPS_RE = re.compile(r"^Requests/sec:\s+([0-9]+(?:\.[0-9]+)?)", re.M)
 _PERCENTILE_RE = re.compile(rf"^\s+(50|75|90|99)%\s+{_TIME}\s*$", re.M)
 _TOTAL_RE = re.compile(rf"^\s+([0-9]+) requests in {_TIME},", re.M)
+# wrk prints byte counts with binary units: "1.20GB read" means 1.20 GiB.
+_READ_RE = re.compile(r"requests in [^,]+, ([0-9]+(?:\.[0-9]+)?)([KMGTP]?)B read")
+_MEAN_RE = re.compile(rf"^\s+Latency\s+{_TIME}\s", re.M)  # "Thread Stats" row: Avg first
+_BINARY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 _SOCKET_RE = re.compile(r"Socket errors: connect ([0-9]+), read ([0-9]+), write ([0-9]+), timeout ([0-9]+)")
 _NON2XX_RE = re.compile(r"Non-2xx or 3xx responses: ([0-9]+)")
 
@@ -35,6 +41,9 @@ class WrkResult:
     p99_ms: float
     requests: int
     duration_s: float
+    mean_ms: float | None = None
+    read_bytes: int | None = None  # every byte wrk read, partial responses included (approximate)
+    mib_s: float | None = None  # payload rate, set by the transfer measurement
     non_2xx: int = 0
     socket_errors: dict[str, int] = field(
         default_factory=lambda: {"connect": 0, "read": 0, "write": 0, "timeout": 0}
@@ -68,6 +77,12 @@ def parse_wrk_output(text: str) -> WrkResult:
         requests=int(total.group(1)),
         duration_s=_to_ms(total.group(2), total.group(3)) / 1e3,
     )
+    mean = _MEAN_RE.search(text)
+    if mean:
+        result.mean_ms = _to_ms(mean.group(1), mean.group(2))
+    read = _READ_RE.search(text)
+    if read:
+        result.read_bytes = round(float(read.group(1)) * _BINARY_UNITS[read.group(2)])
     socket = _SOCKET_RE.search(text)
     if socket:
         result.socket_errors = dict(
@@ -79,8 +94,17 @@ def parse_wrk_output(text: str) -> WrkResult:
     return result
 
 
-def wrk_argv(url: str, *, duration: int, connections: int, threads: int, timeout_s: int = 2) -> list[str]:
-    return [
+def wrk_argv(
+    url: str,
+    *,
+    duration: int,
+    connections: int,
+    threads: int,
+    timeout_s: int = 2,
+    script: Path = SCRIPT,
+    script_args: Sequence[str] = (),
+) -> list[str]:
+    argv = [
         find_tool("wrk"),
         f"-t{threads}",
         f"-c{connections}",
@@ -88,14 +112,32 @@ def wrk_argv(url: str, *, duration: int, connections: int, threads: int, timeout
         f"--timeout={timeout_s}s",
         "--latency",
         "-s",
-        str(SCRIPT),
+        str(script),
         url,
     ]
+    return [*argv, "--", *script_args] if script_args else argv
 
 
-def run_wrk(url: str, *, duration: int, connections: int, threads: int) -> WrkResult:
+def run_wrk(
+    url: str,
+    *,
+    duration: int,
+    connections: int,
+    threads: int,
+    timeout_s: int = 2,
+    script: Path = SCRIPT,
+    script_args: Sequence[str] = (),
+) -> WrkResult:
     """Run one wrk load test and parse it; wrk is killed if we are interrupted."""
-    argv = wrk_argv(url, duration=duration, connections=connections, threads=threads)
+    argv = wrk_argv(
+        url,
+        duration=duration,
+        connections=connections,
+        threads=threads,
+        timeout_s=timeout_s,
+        script=script,
+        script_args=script_args,
+    )
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -104,7 +146,7 @@ def run_wrk(url: str, *, duration: int, connections: int, threads: int) -> WrkRe
         start_new_session=True,
     )
     try:
-        out, _ = proc.communicate(timeout=duration + 30)
+        out, _ = proc.communicate(timeout=duration + timeout_s + 30)
     except BaseException:
         terminate_group(proc, timeout=2.0)
         raise

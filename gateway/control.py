@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from gateway.config import Settings
-from gateway.discovery.kubernetes import KubernetesSource, WatchStatus, WatchTiming
 from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
 from gateway.proxy.upstream import close_idle
 from gateway.topology import Topology, TopologyBuilder, TopologyHolder
+
+if TYPE_CHECKING:  # the kubernetes client costs ~36 MB of memory: imported only when used
+    from gateway.discovery.kubernetes import KubernetesSource, WatchStatus
 
 
 class ControlPlane:
@@ -27,6 +30,8 @@ class ControlPlane:
             )
             self.describe_source: Callable[[], dict[str, object]] = self.source.status.describe
         else:
+            from gateway.discovery.kubernetes import KubernetesSource, WatchTiming
+
             assert settings.configmap is not None
             kube = KubernetesSource(
                 settings.configmap,

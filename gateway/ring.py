@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from bisect import bisect_right
+from hashlib import md5
 
 from uhashring import HashRing
 
@@ -39,10 +41,26 @@ class ShardRing:
     so a hit skips validation, decoding and hashing: one dict lookup).
     """
 
-    __slots__ = ("_cache", "_cache_size", "_ring", "groups", "hits", "misses", "points")
+    __slots__ = (
+        "_cache",
+        "_cache_size",
+        "_owners",
+        "_positions",
+        "_ring",
+        "groups",
+        "hits",
+        "misses",
+        "points",
+    )
 
     def __init__(self, config: ShardConfig, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self._ring = HashRing(nodes=ring_epoch_inputs(config), hash_fn="ketama")
+        # The continuum uhashring built, as two flat lists for a lookup without its Python
+        # layers: point i (sorted) belongs to _owners[i]; a key goes to the first point above
+        # its hash, wrapping around (uhashring's own rule, so the answers are identical).
+        points = self._ring.get_points()
+        self._positions = [position for position, _ in points]
+        self._owners = [name for _, name in points]
         self._cache: dict[bytes, str] = {}
         self._cache_size = cache_size
         self.groups: tuple[str, ...] = tuple(g.name for g in config.groups)
@@ -52,7 +70,14 @@ class ShardRing:
 
     def owner(self, key: str) -> str:
         """The group that owns ``key`` (already stripped of surrounding whitespace)."""
-        return self._ring.get_node(key)
+        return self.owner_of_bytes(key.encode("utf-8"))
+
+    def owner_of_bytes(self, key: bytes) -> str:
+        """``owner`` for a key given as its UTF-8 bytes: uhashring's ketama hash (the first four
+        bytes of its MD5, little-endian) and its search (the first point above, wrapping)."""
+        position = bisect_right(self._positions, int.from_bytes(md5(key).digest()[:4], "little"))
+        owners = self._owners
+        return owners[position] if position < len(owners) else owners[0]
 
     def cached_owner(self, raw_key: bytes) -> str | None:
         group = self._cache.get(raw_key)

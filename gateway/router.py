@@ -78,10 +78,10 @@ def owner_group(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
         if _CONTROL_CHARS.search(key):
             return invalid_key("shard key contains control characters")
         try:
-            text = key.decode("utf-8")
+            key.decode("utf-8")  # only to validate: the ring hashes these very bytes
         except UnicodeDecodeError:
             return invalid_key("shard key is not valid UTF-8")
-        name = ring.owner(text)
+        name = ring.owner_of_bytes(key)
         ring.remember(raw_key, name)
     return topology.groups[name]
 
