@@ -121,6 +121,8 @@ class Topology:
     any_read: Decision  # a read that may go to any ready pod of any group
     epoch_bytes: bytes
     created: float = field(default_factory=time.time)
+    # The data plane's cache: raw header name -> what to do with it (gateway.proxy.server).
+    header_actions: dict[bytes, int] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
         """JSON-ready view for /debug/ring."""

@@ -38,7 +38,7 @@ from gateway.proxy.http import (
 )
 from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection, release
 from gateway.router import Decision, Refusal, choose_pod, decide, is_write
-from gateway.topology import Pod
+from gateway.topology import Pod, Topology
 
 PENDING_LIMIT = 256 * 1024
 CLIENT_CLOSED = 499  # nginx's code for "client went away", used in metrics only
@@ -357,8 +357,7 @@ class ClientConnection(asyncio.Protocol):
     def _build_request(self, exchange: Exchange, method: bytes) -> None:
         ctx = self.ctx
         topology = ctx.holder.current
-        key_name = topology.key_header if topology is not None else b""
-        operation_name = topology.operation_header if topology is not None else None
+        actions = topology.header_actions if topology is not None else _NO_TOPOLOGY_ACTIONS
         raw_key = operation = request_id = forwarded_for = via = host = traceparent = tracestate = None
         has_proto = has_forwarded_host = False
         content_length = -1
@@ -366,49 +365,54 @@ class ClientConnection(asyncio.Protocol):
         lines: list[bytes] = []
         append = lines.append
         for name, value in self._headers:
-            lname = name.lower()
-            if lname == key_name:
-                raw_key = value
-            elif lname in HOP_BY_HOP:
-                if lname == b"connection":
-                    tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
-                    if tokens:
-                        connection_tokens = (connection_tokens or set()) | tokens
+            action = actions.get(name)
+            if action is None:
+                action = _classify_header(name.lower(), topology)
+                if len(actions) < _ACTION_CACHE_SIZE:  # a cache of spellings seen, bounded
+                    actions[name] = action
+            if action == _FORWARD:
+                append(name + b": " + value)
                 continue
-            elif lname.startswith(b"x-"):
-                if lname.startswith(SHARD_PREFIX):
-                    continue  # only the gateway speaks X-Shard-* to upstreams
-                if lname == b"x-request-id":
-                    request_id = value
-                    continue
-                if lname == b"x-forwarded-for":
-                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-                    continue
-                if lname == b"x-forwarded-proto":
-                    has_proto = True
-                elif lname == b"x-forwarded-host":
-                    has_forwarded_host = True
-            elif lname == operation_name:
+            if action == _DROP:
+                continue  # hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
+            if action == _KEY:
+                raw_key = value
+            elif action == _CONNECTION:
+                tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
+                if tokens:
+                    connection_tokens = (connection_tokens or set()) | tokens
+                continue
+            elif action == _REQUEST_ID:
+                request_id = value
+                continue
+            elif action == _FORWARDED_FOR:
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                continue
+            elif action == _FORWARDED_PROTO:
+                has_proto = True
+            elif action == _FORWARDED_HOST:
+                has_forwarded_host = True
+            elif action == _OPERATION:
                 operation = value
-            elif lname == b"host":
+            elif action == _HOST:
                 host = value
-            elif lname == b"traceparent":
+            elif action == _TRACEPARENT:
                 traceparent = value
                 continue  # re-added below: ours when this request is traced
-            elif lname == b"tracestate":
+            elif action == _TRACESTATE:
                 tracestate = value
-            elif lname == b"via":
+            elif action == _VIA:
                 via = value if via is None else via + b", " + value
                 continue
-            elif lname == b"expect":
+            elif action == _EXPECT:
                 if value.strip().lower() == b"100-continue":
                     exchange.expect_continue = True
                 continue  # the gateway answers Expect itself
-            elif lname == b"content-length":
+            elif action == _CONTENT_LENGTH:
                 content_length = int(value) if value.isdigit() else -1
-            elif lname == b"transfer-encoding":
+            elif action == _TRANSFER_ENCODING:
                 exchange.chunked = True
-            append(b"%s: %s" % (name, value))
+            append(name + b": " + value)
         if connection_tokens:
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
 
@@ -760,6 +764,56 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         if self.transport is not None:
             self.transport.close()
+
+
+# What _build_request does with a request header, by its (lower-case) name.
+(
+    _FORWARD,
+    _DROP,
+    _KEY,
+    _CONNECTION,
+    _REQUEST_ID,
+    _FORWARDED_FOR,
+    _FORWARDED_PROTO,
+    _FORWARDED_HOST,
+    _OPERATION,
+    _HOST,
+    _TRACEPARENT,
+    _TRACESTATE,
+    _VIA,
+    _EXPECT,
+    _CONTENT_LENGTH,
+    _TRANSFER_ENCODING,
+) = range(16)
+_ACTION_CACHE_SIZE = 1024
+_NAMED_ACTIONS = {
+    b"x-request-id": _REQUEST_ID,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-forwarded-proto": _FORWARDED_PROTO,
+    b"x-forwarded-host": _FORWARDED_HOST,
+    b"host": _HOST,
+    b"traceparent": _TRACEPARENT,
+    b"tracestate": _TRACESTATE,
+    b"via": _VIA,
+    b"expect": _EXPECT,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+}
+_NO_TOPOLOGY_ACTIONS: dict[bytes, int] = {}
+
+
+def _classify_header(lname: bytes, topology: Topology | None) -> int:
+    """The action for a header name; cached per raw spelling in the topology snapshot, since
+    which header is the shard key (or the operation header) depends on the config."""
+    if topology is not None and lname == topology.key_header:
+        return _KEY
+    if lname in HOP_BY_HOP:
+        return _CONNECTION if lname == b"connection" else _DROP
+    if lname.startswith(SHARD_PREFIX):
+        return _DROP
+    if topology is not None and lname == topology.operation_header:
+        return _OPERATION
+    return _NAMED_ACTIONS.get(lname, _FORWARD)
 
 
 def _reason(exc: Exception) -> str:

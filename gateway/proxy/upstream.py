@@ -260,9 +260,9 @@ class UpstreamConnection(asyncio.Protocol):
                 and (end == len(lower) or lower.startswith(b"\r\n", end))
                 and _REWRITE.search(lower, end) is None
             ):
-                # Just "Connection: keep-alive" (nginx, most servers): cut that one field.
+                # Just "Connection: keep-alive" (nginx, most servers): cut that one field
+                # (``lower`` keeps it: it is only searched for framing fields below).
                 fields = fields[:at] + fields[end:]
-                lower = lower[:at] + lower[end:]
             else:
                 fields = _without_hop_by_hop(fields, lower)
                 lower = fields.lower()
