@@ -13,7 +13,6 @@ a request is tried on a second pod only when no byte of it was handed to the fir
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -215,7 +214,9 @@ class ClientConnection(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = b""
-        self.exchanges: deque[Exchange] = deque()
+        # Requests answered in order (pipelining). A list, not a deque: it is rarely longer than
+        # one, and an empty list is 56 bytes against 600 (x 10,000 idle connections).
+        self.exchanges: list[Exchange] = []
         self.parsing: Exchange | None = None
         self.out: list[bytes | memoryview] = []
         self.read_blocks = 0
@@ -616,7 +617,7 @@ class ClientConnection(asyncio.Protocol):
         self._record(exchange, exchange.status)
         exchanges = self.exchanges
         if exchanges and exchanges[0] is exchange:
-            exchanges.popleft()
+            del exchanges[0]
         if self.read_blocks & BLOCK_UPSTREAM:
             self.unblock_reading(BLOCK_UPSTREAM)
         if self.out:
