@@ -80,6 +80,7 @@ class ShardRing:
         return owners[position] if position < len(owners) else owners[0]
 
     def cached_owner(self, raw_key: bytes) -> str | None:
+        """The cached owner of an already validated raw key, if any (the hot path's lookup)."""
         group = self._cache.get(raw_key)
         if group is None:
             self.misses += 1
@@ -87,14 +88,8 @@ class ShardRing:
             self.hits += 1
         return group
 
-    def cached_name(self, raw_key: bytes) -> str | None:
-        """The hot path's lookup: the cached owner of an already validated raw key, if any."""
-        group = self._cache.get(raw_key)
-        if group is not None:
-            self.hits += 1
-        return group
-
     def remember(self, raw_key: bytes, group: str) -> None:
+        """Cache the owner of a key that was just validated and looked up."""
         cache = self._cache
         if len(cache) >= self._cache_size:
             # Dropping everything is O(1) amortised and keeps the hot path branch-free;

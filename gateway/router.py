@@ -7,7 +7,6 @@ Strict ownership lives here: a write's candidate set is only ever its owner grou
 from __future__ import annotations
 
 import random
-import re
 
 from gateway.topology import Decision, GroupView, Pod, PodState, Topology
 
@@ -15,7 +14,7 @@ __all__ = ["Decision", "Refusal", "choose_pod", "decide", "is_write", "owner_gro
 
 MAX_KEY_BYTES = 256
 _READY = PodState.READY
-_CONTROL_CHARS = re.compile(rb"[\x00-\x1f\x7f]")
+_DEL = b"\x7f"
 _WHITESPACE = b" \t"
 _WRITE = b"write"
 
@@ -67,22 +66,27 @@ def is_write(topology: Topology, method: bytes, operation: bytes | None) -> bool
 
 def owner_group(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
     """Owner of a raw key header value; validates the key on a cache miss only."""
-    ring = topology.ring
-    name = ring.cached_owner(raw_key)
-    if name is None:
-        key = raw_key.strip(_WHITESPACE)
-        if not key:
-            return MISSING_KEY
-        if len(key) > MAX_KEY_BYTES:
-            return invalid_key(f"shard key is longer than {MAX_KEY_BYTES} bytes")
-        if _CONTROL_CHARS.search(key):
-            return invalid_key("shard key contains control characters")
+    name = topology.ring.cached_owner(raw_key)
+    return topology.groups[name] if name is not None else _resolve_new_key(topology, raw_key)
+
+
+def _resolve_new_key(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
+    """Validate a key not seen before, find its owner on the ring, and remember it."""
+    key = raw_key.strip(_WHITESPACE)
+    if not key:
+        return MISSING_KEY
+    if len(key) > MAX_KEY_BYTES:
+        return invalid_key(f"shard key is longer than {MAX_KEY_BYTES} bytes")
+    if min(key) < 0x20 or _DEL in key:  # cheaper than a regex for short keys
+        return invalid_key("shard key contains control characters")
+    if not key.isascii():
         try:
             key.decode("utf-8")  # only to validate: the ring hashes these very bytes
         except UnicodeDecodeError:
             return invalid_key("shard key is not valid UTF-8")
-        name = ring.owner_of_bytes(key)
-        ring.remember(raw_key, name)
+    ring = topology.ring
+    name = ring.owner_of_bytes(key)
+    ring.remember(raw_key, name)
     return topology.groups[name]
 
 
@@ -96,8 +100,8 @@ def decide(
     )  # is_write(), inlined: this runs for every request
     owner: GroupView | None = None
     if raw_key is not None:
-        name = topology.ring.cached_name(raw_key)
-        found = topology.groups[name] if name is not None else owner_group(topology, raw_key)
+        name = topology.ring.cached_owner(raw_key)
+        found = topology.groups[name] if name is not None else _resolve_new_key(topology, raw_key)
         if isinstance(found, Refusal):
             if write or found is not MISSING_KEY:
                 return found

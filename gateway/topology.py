@@ -258,7 +258,6 @@ class TopologyHolder:
         self._log_changes = log_changes
         self.current: Topology | None = None
         self.swaps = 0
-        self.last_swap: float | None = None
         self._listeners: list[Callable[[Topology], None]] = []
 
     def subscribe(self, listener: Callable[[Topology], None]) -> None:
@@ -268,7 +267,6 @@ class TopologyHolder:
         previous = self.current
         self.current = topology
         self.swaps += 1
-        self.last_swap = time.time()
         if self._log_changes and (previous is None or previous.epoch != topology.epoch):
             log.info(
                 "topology epoch %s: %d groups, %d ready pods",

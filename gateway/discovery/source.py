@@ -108,10 +108,6 @@ class ConfigApplier:
                 continue  # superseded while the ring was being built
             self.apply(config, discovered() if discovered else None, ring)
 
-    @property
-    def applying(self) -> bool:
-        return self._next is not None or (self._applying is not None and not self._applying.done())
-
     def rebuild(
         self, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None, ring: ShardRing | None = None
     ) -> None:

@@ -31,7 +31,6 @@ DURATION_BOUNDS: tuple[float, ...] = (
 )  # fmt: skip
 LAG_BOUNDS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-NO_GROUP = "none"  # label for requests refused before a group was known
 
 
 class WatchView(Protocol):

@@ -63,10 +63,6 @@ class RequestIds:
         return _VALID_REQUEST_ID.fullmatch(value) is not None
 
 
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
 def error_response(
     status: int,
     code: str,

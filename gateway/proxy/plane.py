@@ -55,10 +55,6 @@ class DataPlane:
         self.listen_address = self._server.sockets[0].getsockname()[:2]
         ctx.start()
 
-    @property
-    def in_flight(self) -> int:
-        return 0 if self.ctx is None else len(self.ctx.clients)
-
     def begin_drain(self) -> None:
         if self.ctx is not None:
             self.ctx.closing = True
