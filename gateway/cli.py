@@ -28,6 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", metavar="HOST:PORT", help="proxy address (SHARDGATE_LISTEN)")
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin address (SHARDGATE_ADMIN_LISTEN)")
     run.add_argument("--workers", metavar="N", type=int, help="worker processes (SHARDGATE_WORKERS)")
+    run.add_argument(
+        "--drain-delay",
+        metavar="SECONDS",
+        type=float,
+        help="after SIGTERM, serve this long while not ready (SHARDGATE_DRAIN_DELAY, default 5)",
+    )
+    run.add_argument(
+        "--grace-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="then wait this long for in-flight requests (SHARDGATE_GRACE_TIMEOUT, default 20)",
+    )
     run.add_argument("--log-level", metavar="LEVEL", help="log level (SHARDGATE_LOG_LEVEL, default INFO)")
 
     demo = commands.add_parser("demo", help="local demo: 3 shard groups x 2 pods behind the gateway")
@@ -66,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             listen=args.listen,
             admin_listen=args.admin_listen,
             workers=args.workers,
+            drain_delay=args.drain_delay,
+            grace_timeout=args.grace_timeout,
         )
     except ConfigError as exc:
         for problem in exc.problems:

@@ -334,6 +334,8 @@ def settings_from(
     listen: str | None = None,
     admin_listen: str | None = None,
     workers: int | None = None,
+    drain_delay: float | None = None,
+    grace_timeout: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge command-line values (win) with SHARDGATE_* environment variables and defaults."""
@@ -363,8 +365,13 @@ def settings_from(
         if worker_count < 1:
             problems.append("SHARDGATE_WORKERS: must be at least 1")
         limits = Limits.from_env(env)
-        drain = _env_float(env, "SHARDGATE_DRAIN_DELAY", 5.0)
-        grace = _env_float(env, "SHARDGATE_GRACE_TIMEOUT", 20.0)
+        drain = drain_delay if drain_delay is not None else _env_float(env, "SHARDGATE_DRAIN_DELAY", 5.0)
+        grace = (
+            grace_timeout if grace_timeout is not None else _env_float(env, "SHARDGATE_GRACE_TIMEOUT", 20.0)
+        )
+        for name, value in (("--drain-delay", drain), ("--grace-timeout", grace)):
+            if value < 0:
+                problems.append(f"{name}: must not be negative")
         watch_timeout = _env_float(env, "SHARDGATE_WATCH_TIMEOUT", 300.0)
         backoff_max = _env_float(env, "SHARDGATE_WATCH_BACKOFF_MAX", 30.0)
     except ConfigError as exc:

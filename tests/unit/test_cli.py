@@ -482,3 +482,8 @@ def test_python_m_gateway_validate() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK config/local.yaml: 3 groups (3 with endpoints)")
     assert result.stderr == ""
+
+
+def test_run_accepts_the_drain_flags() -> None:
+    args = cli.build_parser().parse_args(["run", "--config", "c.yaml", "--drain-delay", "1.5", "--grace-timeout", "8"])
+    assert (args.drain_delay, args.grace_timeout) == (1.5, 8.0)

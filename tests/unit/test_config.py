@@ -630,3 +630,14 @@ def test_a_source_flag_overrides_both_source_variables() -> None:
     assert (settings.config_path, settings.configmap) == (None, "other")
     settings = settings_from(config_path="mine.yaml", env=env)
     assert (settings.config_path, settings.configmap) == ("mine.yaml", None)
+
+
+def test_drain_settings_come_from_flags_before_the_environment() -> None:
+    env = {"SHARDGATE_CONFIG": "c.yaml", "SHARDGATE_DRAIN_DELAY": "7", "SHARDGATE_GRACE_TIMEOUT": "9"}
+    from_env = settings_from(env=env)
+    assert (from_env.drain_delay, from_env.grace_timeout) == (7.0, 9.0)
+    from_flags = settings_from(drain_delay=0.5, grace_timeout=3, env=env)
+    assert (from_flags.drain_delay, from_flags.grace_timeout) == (0.5, 3.0)
+    with pytest.raises(ConfigError) as info:
+        settings_from(drain_delay=-1, env=env)
+    assert info.value.problems == ["--drain-delay: must not be negative"]
