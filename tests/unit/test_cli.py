@@ -485,5 +485,7 @@ def test_python_m_gateway_validate() -> None:
 
 
 def test_run_accepts_the_drain_flags() -> None:
-    args = cli.build_parser().parse_args(["run", "--config", "c.yaml", "--drain-delay", "1.5", "--grace-timeout", "8"])
+    args = cli.build_parser().parse_args(
+        ["run", "--config", "c.yaml", "--drain-delay", "1.5", "--grace-timeout", "8"]
+    )
     assert (args.drain_delay, args.grace_timeout) == (1.5, 8.0)
