@@ -10,7 +10,7 @@ import random
 
 from gateway.topology import Decision, GroupView, Pod, PodState, Topology
 
-__all__ = ["Decision", "Refusal", "choose_pod", "decide", "is_write", "owner_group"]
+__all__ = ["REPEATED_KEY", "Decision", "Refusal", "choose_pod", "decide", "is_write", "owner_group"]
 
 MAX_KEY_BYTES = 256
 _READY = PodState.READY
@@ -43,6 +43,7 @@ class Refusal:
 
 
 MISSING_KEY = Refusal(400, "missing_shard_key", "a write needs the shard key header")
+REPEATED_KEY = Refusal(400, "invalid_shard_key", "the shard key header must appear once")
 NOT_READY = Refusal(503, "not_ready", "no shard config is loaded yet")
 NO_READY_POD = Refusal(503, "shard_unavailable", "no shard group has a ready pod", retry_after=1)
 

@@ -36,7 +36,7 @@ from gateway.proxy.http import (
     error_response,
 )
 from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection, release
-from gateway.router import Decision, Refusal, choose_pod, decide, is_write
+from gateway.router import REPEATED_KEY, Decision, Refusal, choose_pod, decide, is_write
 from gateway.topology import Pod, Topology
 
 PENDING_LIMIT = 256 * 1024
@@ -360,7 +360,7 @@ class ClientConnection(asyncio.Protocol):
         topology = ctx.holder.current
         actions = topology.header_actions if topology is not None else _NO_TOPOLOGY_ACTIONS
         raw_key = operation = request_id = forwarded_for = via = host = traceparent = tracestate = None
-        has_proto = has_forwarded_host = False
+        has_proto = has_forwarded_host = key_repeated = False
         content_length = -1
         connection_tokens: set[bytes] | None = None
         lines: list[bytes] = []
@@ -377,6 +377,10 @@ class ClientConnection(asyncio.Protocol):
             if action == _DROP:
                 continue  # hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
             if action == _KEY:
+                if raw_key is not None:
+                    # Two key headers: a backend reading the other one would write a key
+                    # this group does not own. Refused, never guessed.
+                    key_repeated = True
                 raw_key = value
             elif action == _CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
@@ -424,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
         exchange.target = self._url
         exchange.traceparent = traceparent
 
-        decision = decide(topology, method, raw_key, operation)
+        decision = decide(topology, method, raw_key, operation) if not key_repeated else REPEATED_KEY
         if isinstance(decision, Refusal):
             exchange.is_write = topology is not None and is_write(topology, method, operation)
             exchange.refusal = decision

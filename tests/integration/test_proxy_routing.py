@@ -289,6 +289,17 @@ def test_invalid_keys_are_refused(gw_any: Gateway, cluster: Cluster) -> None:
     assert not all_requests(cluster.servers, lambda r: r.path == "/badkey")
 
 
+def test_a_repeated_key_header_is_refused(gw_any: Gateway, cluster: Cluster) -> None:
+    # Two keys in one request: the gateway would route by one while a backend may read the
+    # other and write a key its group does not own. Neither a write nor a read goes through.
+    for method in ("POST", "GET"):
+        with RawConn(gw_any.port) as conn:
+            conn.send(build_request(method, "/twokeys", [(KEY_HEADER, "alice"), (KEY_HEADER, "bob")], b"{}"))
+            resp = conn.read_response(method)
+        assert_json_error(resp.status, resp.headers, resp.body, 400, "invalid_shard_key")
+    assert not all_requests(cluster.servers, lambda r: r.path == "/twokeys")
+
+
 def test_client_shard_headers_are_replaced(gw_any: Gateway, cluster: Cluster) -> None:
     epoch = gw_any.epoch()
     for i in range(20):
