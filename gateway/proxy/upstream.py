@@ -144,6 +144,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.client.flush_output()
         if self.response_done:
             exchange.response_complete(self)
+        elif exchange.status and not self.read_paused:
+            # Mid-body: an upstream silent for the response timeout is cut off (the client
+            # sees a truncated response, never a fake end). Paused reads are our doing, not its.
+            self.deadline = self.ctx.loop.time() + self.ctx.limits.upstream_header_timeout
 
     def _forward_body(self, exchange: Exchange, data: bytes | memoryview) -> None:
         if self._dechunker is None:
@@ -178,9 +182,14 @@ class UpstreamConnection(asyncio.Protocol):
         if reading and self.read_paused:
             self.read_paused = False
             transport.resume_reading()
+            exchange = self.exchange
+            if exchange is not None and exchange.status:  # a body transfer goes on
+                self.deadline = self.ctx.loop.time() + self.ctx.limits.upstream_header_timeout
         elif not reading and not self.read_paused:
             self.read_paused = True
             transport.pause_reading()
+            if self.exchange is not None:
+                self.deadline = 0.0  # the client is slow, not the upstream
 
     def on_deadline(self, now: float) -> None:
         exchange = self.exchange

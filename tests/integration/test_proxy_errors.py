@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import socket
 import threading
 import time
 from typing import Any
@@ -102,6 +103,23 @@ def _send_raw(gw: Gateway, data: bytes, method: str = "GET") -> tuple[RawRespons
         resp = conn.read_response(method)
         closed, _ = conn.wait_closed(5.0) if resp.status >= 400 else (False, b"")
         return resp, closed
+
+
+def test_upstream_silent_mid_body_is_cut_off(gw_timeouts: Gateway, live: Setup) -> None:
+    """Headers and part of the body, then silence: after the 0.5 s upstream timeout the
+    client's connection is closed with the body short (never completed, never left hanging)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", gw_timeouts.port), timeout=10) as sock:
+        sock.sendall(build_request("GET", "/truncate?size=100000&send=5000&stall=8", [(KEY_HEADER, "stall")]))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    elapsed = time.monotonic() - started
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert 0 < len(body) < 100000, len(body)
+    assert elapsed < 5, f"connection held {elapsed:.2f}s: the mid-body silence was not cut off"
+    _serves(gw_timeouts, live)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -531,6 +531,7 @@ class UpstreamServer:
                 writer.write(self._head(200, "OK", [*base, ("Content-Length", str(size))]))
                 writer.write(body[:send])
             await writer.drain()
+            await asyncio.sleep(float(query.get("stall", "0")))  # silent, connection open
             writer.close()
             return False
 
