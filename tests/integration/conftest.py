@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from uhashring import HashRing
 
 from tests.integration.upstream import DeadPort, UpstreamServer, start_upstreams, wait_until
+from tests.support import close_and_report, contract_ring, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY_HEADER = "User-ID"
@@ -37,12 +37,6 @@ STOP_TIMEOUT = 15.0
 
 # Fast shutdown in tests: no drain delay (the lifecycle test sets its own).
 BASE_ENV = {"SHARDGATE_DRAIN_DELAY": "0", "SHARDGATE_GRACE_TIMEOUT": "3"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,9 +77,7 @@ class Recipe:
 
     def __init__(self, groups: Sequence[GroupSpec] | Mapping[str, int], vnodes: int = 160) -> None:
         weights = {g.name: g.weight for g in groups} if not isinstance(groups, Mapping) else dict(groups)
-        self._ring = HashRing(
-            nodes={name: {"weight": w, "vnodes": vnodes} for name, w in weights.items()}, hash_fn="ketama"
-        )
+        self._ring = contract_ring(weights, vnodes)
         self.groups = tuple(weights)
 
     def owner(self, key: str) -> str:
@@ -461,24 +453,18 @@ class UpstreamFactory:
             port.close()
 
 
-def _finish(factory: GatewayFactory) -> None:
-    problems = factory.close()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
-
-
 @pytest.fixture
 def start_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     factory = GatewayFactory(tmp_path)
     yield factory
-    _finish(factory)
+    close_and_report(factory)
 
 
 @pytest.fixture(scope="module")
 def module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
     factory = GatewayFactory(tmp_path_factory.mktemp("gateways"))
     yield factory
-    _finish(factory)
+    close_and_report(factory)
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from uhashring import HashRing
 
 from gateway.demo import GROUPS, make_pod_app, shard_path, start_app
+from tests.support import contract_ring, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 START_DEADLINE = 30.0
@@ -36,14 +36,7 @@ CURL_TIMEOUT = 10.0
 
 def contract_owner(key: str) -> str:
     """owner(K), computed with the contract's recipe and nothing of the gateway's."""
-    nodes = {group: {"weight": 1, "vnodes": 160} for group in GROUPS}
-    return HashRing(nodes=nodes, hash_fn="ketama").get_node(key.strip())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return contract_ring({group: 1 for group in GROUPS}, 160).get_node(key.strip())
 
 
 # ---------------------------------------------------------------------------------------------

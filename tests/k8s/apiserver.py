@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import copy
 import json
@@ -73,6 +72,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from tests.support import LoopThread
+from tests.support import wait_until as _wait_until
 
 JSON = dict[str, Any]
 
@@ -156,13 +158,7 @@ def port(number: int = 8080, name: str = "http", protocol: str = "TCP") -> JSON:
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
+    return _wait_until(predicate, timeout, interval)
 
 
 def _now_timestamp() -> str:
@@ -415,10 +411,9 @@ class FakeApiServer:
         """Start serving on a background thread; return once the port is listening."""
         if self._thread is not None:
             raise RuntimeError("FakeApiServer already started")
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="fake-apiserver", daemon=True)
-        self._thread.start()
-        started.result(timeout)
+        loop_thread = LoopThread(self._startup, name="fake-apiserver", shutdown_asyncgens=True)
+        self._loop, self._thread = loop_thread.loop, loop_thread.thread
+        loop_thread.start(timeout)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -703,23 +698,6 @@ class FakeApiServer:
             raise RuntimeError("FakeApiServer not started")
         self._check_not_loop_thread()
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    def _run(self, started: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._startup())
-        except BaseException as exc:
-            started.set_exception(exc)
-            loop.close()
-            return
-        started.set_result(None)
-        try:
-            loop.run_forever()
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,10 +27,10 @@ from urllib.parse import quote
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from uhashring import HashRing
 
 from tests.k8s.apiserver import FakeApiServer, endpoint, port
 from tests.k8s.pods import KEY_HEADER, PodFarm
+from tests.support import close_and_report, contract_ring, free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NS = "shards"
@@ -44,19 +43,7 @@ DEADLINE = 5.0
 
 def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until true or the deadline passes; the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return wait_until(predicate, timeout, interval)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,9 +77,7 @@ class Recipe:
 
     def __init__(self, groups: Sequence[Group] | Mapping[str, int], vnodes: int = 160) -> None:
         weights = dict(groups) if isinstance(groups, Mapping) else {g.name: g.weight for g in groups}
-        self._ring = HashRing(
-            nodes={name: {"weight": w, "vnodes": vnodes} for name, w in weights.items()}, hash_fn="ketama"
-        )
+        self._ring = contract_ring(weights, vnodes)
 
     def owner(self, key: str) -> str:
         return str(self._ring.get_node(key.strip()))
@@ -447,6 +432,4 @@ def farm() -> Iterator[PodFarm]:
 def start_gateway(api: FakeApiServer, tmp_path: Path) -> Iterator[GatewayFactory]:
     factory = GatewayFactory(api, tmp_path)
     yield factory
-    problems = factory.close()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    close_and_report(factory)

@@ -15,7 +15,6 @@ the same, so a client can tell which pod served it without asking the farm. A re
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import socket
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from tests.support import LoopThread
 
 KEY_HEADER = "User-ID"
 
@@ -84,26 +85,10 @@ class PodFarm:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> PodFarm:
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="pod-farm", daemon=True)
-        self._thread.start()
-        started.result(15)
+        loop_thread = LoopThread(self._startup, name="pod-farm")
+        self._loop, self._thread = loop_thread.loop, loop_thread.thread
+        loop_thread.start(15)
         return self
-
-    def _run(self, started: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._startup())
-        except BaseException as exc:
-            started.set_exception(exc)
-            loop.close()
-            return
-        started.set_result(None)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
 
     async def _startup(self) -> None:
         self.port, sockets = _bind_all(self.hosts)

@@ -50,19 +50,14 @@ from tests.integration.upstream import IncompleteResponse, RawConn, RawResponse,
 from tests.k8s.apiserver import FakeApiServer
 from tests.k8s.conftest import GatewayFactory as KubeGatewayFactory
 from tests.k8s.pods import KEY_HEADER, Hit, PodFarm
+from tests.support import LoopThread, close_and_report, wait_until
 
 DEADLINE = 10.0  # generous: the machine is often loaded by other test runs
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, interval: float = 0.01) -> bool:
     """Poll ``predicate`` until true or the deadline passes; the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
+    return wait_until(predicate, timeout, interval)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,29 +221,15 @@ class RawUpstream:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> RawUpstream:
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name=f"up-{self.pod}", daemon=True)
-        self._thread.start()
-        started.result(15)
+        loop_thread = LoopThread(self._startup, name=f"up-{self.pod}")
+        self._loop, self._thread = loop_thread.loop, loop_thread.thread
+        loop_thread.start(15)
         return self
 
-    def _run(self, started: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(
-                loop.create_server(self._new_connection, "127.0.0.1", 0, backlog=512)
-            )
-            self.port = int(self._server.sockets[0].getsockname()[1])
-        except BaseException as exc:
-            started.set_exception(exc)
-            loop.close()
-            return
-        started.set_result(None)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
+    async def _startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_connection, "127.0.0.1", 0, backlog=512)
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     def _new_connection(self) -> _UpstreamConnection:
         with self._lock:
@@ -794,9 +775,7 @@ def static_gateways(tmp_path: Path) -> Iterator[StaticGatewayFactory]:
     """Gateways on a static config file (tests/integration's factory)."""
     factory = StaticGatewayFactory(tmp_path)
     yield factory
-    problems = factory.close()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    close_and_report(factory)
 
 
 @pytest.fixture
@@ -817,6 +796,4 @@ def kube_gateways(api_server: FakeApiServer, tmp_path: Path) -> Iterator[KubeGat
     """Gateways run with ``--configmap`` against the API-server double (tests/k8s's factory)."""
     factory = KubeGatewayFactory(api_server, tmp_path)
     yield factory
-    problems = factory.close()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    close_and_report(factory)

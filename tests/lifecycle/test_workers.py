@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO_ROOT, Gateway, Recipe, config_document, free_port, group_of
+from tests.integration.conftest import REPO_ROOT, Gateway, Recipe, config_document, group_of
 from tests.integration.conftest import GatewayFactory as StaticGatewayFactory
 from tests.lifecycle.conftest import (
     Background,
@@ -36,6 +36,7 @@ from tests.lifecycle.conftest import (
     readyz,
     wait_for,
 )
+from tests.support import free_port
 
 DRAIN_DELAY = 2.0
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import Gateway, GatewayFactory, UpstreamFactory
+from tests.support import close_and_report, wait_until
 
 DEADLINE = 15.0  # generous: the machine is often loaded by other test runs
 PROMTOOL = shutil.which("promtool")
@@ -27,13 +27,7 @@ PROMTOOL = shutil.which("promtool")
 
 def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until true or the deadline passes; the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
+    return wait_until(predicate, timeout, interval)
 
 
 def require_promtool() -> str:
@@ -121,24 +115,18 @@ def _no_ambient_otel() -> Iterator[None]:
         yield
 
 
-def _finish(factory: GatewayFactory) -> None:
-    problems = factory.close()
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
-
-
 @pytest.fixture
 def start_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     factory = GatewayFactory(tmp_path)
     yield factory
-    _finish(factory)
+    close_and_report(factory)
 
 
 @pytest.fixture(scope="module")
 def module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
     factory = GatewayFactory(tmp_path_factory.mktemp("gateways"))
     yield factory
-    _finish(factory)
+    close_and_report(factory)
 
 
 @pytest.fixture

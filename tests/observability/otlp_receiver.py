@@ -10,8 +10,6 @@ with an error status and remembered in ``problems`` so that a test can assert th
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import gzip
 import threading
 import time
@@ -28,6 +26,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from tests.support import BackgroundAiohttp
 
 PROTOBUF = "application/x-protobuf"
 SPAN_KIND_SERVER = Span.SpanKind.SPAN_KIND_SERVER
@@ -81,9 +81,7 @@ class OtlpReceiver:
         self.exports = 0  # accepted export requests
         self.content_types: set[str] = set()
         self.problems: list[str] = []  # requests that were not valid OTLP/HTTP protobuf exports
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        self._server = BackgroundAiohttp(self._make_app, name="otlp-receiver")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -97,10 +95,7 @@ class OtlpReceiver:
         return self.endpoint + "/v1/traces"
 
     def start(self) -> OtlpReceiver:
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name="otlp-receiver", daemon=True)
-        self._thread.start()
-        started.result(15)
+        self.port = self._server.start(15)
         return self
 
     def __enter__(self) -> OtlpReceiver:
@@ -109,43 +104,13 @@ class OtlpReceiver:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _run(self, started: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._startup())
-        except BaseException as exc:
-            started.set_exception(exc)
-            loop.close()
-            return
-        started.set_result(None)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _startup(self) -> None:
+    def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/traces", self._traces)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        return app
 
     def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-
-        async def shutdown() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            loop.stop()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop)
-        thread.join(10)
+        self._server.stop()
 
     # -- the OTLP/HTTP endpoint -----------------------------------------------------------------
 

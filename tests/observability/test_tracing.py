@@ -9,8 +9,6 @@ gateway's span, and the upstream's span as its child.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 import threading
 import uuid
@@ -44,6 +42,7 @@ from tests.observability.otlp_receiver import (
     OtlpReceiver,
     ReceivedSpan,
 )
+from tests.support import BackgroundAiohttp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,9 +80,7 @@ class TracedUpstream:
         self._propagator = TraceContextTextMapPropagator()
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        self._server = BackgroundAiohttp(self._make_app, name=pod)
 
     @property
     def address(self) -> str:
@@ -121,48 +118,16 @@ class TracedUpstream:
         return web.json_response({"group": self.group, "pod": self.pod, "address": self.address})
 
     def start(self) -> TracedUpstream:
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(started,), name=self.pod, daemon=True)
-        self._thread.start()
-        started.result(15)
+        self.port = self._server.start(15)
         return self
 
-    def _run(self, started: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._startup())
-        except BaseException as exc:
-            started.set_exception(exc)
-            loop.close()
-            return
-        started.set_result(None)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _startup(self) -> None:
+    def _make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
+        return app
 
     def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-
-        async def shutdown() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            loop.stop()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop)
-        thread.join(10)
+        self._server.stop()
 
 
 # ---------------------------------------------------------------------------------------------

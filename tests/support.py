@@ -1,0 +1,152 @@
+"""Small helpers shared by the test harnesses (ports, polling, the ring recipe, loop threads).
+
+Nothing here knows about the gateway: these are the pieces that several ``conftest.py`` files
+and test servers used to carry as identical copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, Protocol
+
+import pytest
+from aiohttp import web
+from uhashring import HashRing
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass; the last result (as a bool)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+def contract_ring(weights: Mapping[str, int], vnodes: int = 160) -> HashRing:
+    """The contract's ring recipe: ketama over the groups, each with its weight and ``vnodes``.
+
+    owner(K) is ``str(ring.get_node(K.strip()))``.
+    """
+    return HashRing(
+        nodes={name: {"weight": w, "vnodes": vnodes} for name, w in weights.items()}, hash_fn="ketama"
+    )
+
+
+class _Closes(Protocol):
+    def close(self) -> Sequence[str]: ...
+
+
+def close_and_report(factory: _Closes) -> None:
+    """Close ``factory``; fail the test (without a traceback) with every problem it reports."""
+    problems = factory.close()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# An event loop on a background thread
+
+
+class LoopThread:
+    """A fresh event loop run forever on a daemon thread, after ``startup`` completed on it.
+
+    ``start()`` returns once ``startup`` finished, re-raising its exception if it failed (the
+    loop is then closed and the thread ends). Stopping is left to the owner, who knows what its
+    loop serves: schedule the shutdown with ``asyncio.run_coroutine_threadsafe(..., loop)``,
+    stop the loop, join ``thread``. With ``shutdown_asyncgens`` the loop's async generators are
+    finalised before it is closed.
+    """
+
+    def __init__(
+        self,
+        startup: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        name: str,
+        shutdown_asyncgens: bool = False,
+    ) -> None:
+        self._startup = startup
+        self._shutdown_asyncgens = shutdown_asyncgens
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.thread.start()
+        self._started.result(timeout)
+
+    def _run(self) -> None:
+        loop = self.loop
+        try:
+            loop.run_until_complete(self._startup())
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            loop.close()
+            return
+        self._started.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            if self._shutdown_asyncgens:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+class BackgroundAiohttp:
+    """An aiohttp application served on 127.0.0.1 (a free port) by a ``LoopThread``.
+
+    ``start()`` returns the bound port; ``stop()`` cleans the runner up and stops the loop (it
+    does not wait for the cleanup, only joins the thread for up to 10 s). A no-op unless running.
+    """
+
+    def __init__(self, make_app: Callable[[], web.Application], *, name: str) -> None:
+        self._make_app = make_app
+        self._name = name
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+        self._loop_thread: LoopThread | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop_thread.loop if self._loop_thread is not None else None
+
+    def start(self, timeout: float = 15.0) -> int:
+        self._loop_thread = LoopThread(self._startup, name=self._name)
+        self._loop_thread.start(timeout)
+        return self.port
+
+    async def _startup(self) -> None:
+        runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    def stop(self) -> None:
+        if self._loop_thread is None or not self._loop_thread.thread.is_alive():
+            return
+        loop, thread = self._loop_thread.loop, self._loop_thread.thread
+
+        async def shutdown() -> None:
+            if self.runner is not None:
+                await self.runner.cleanup()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        thread.join(10)
