@@ -12,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 import uvloop
 
 from gateway.admin import AdminApp, AdminServer
-from gateway.config import ConfigError, Settings
+from gateway.config import Settings
 from gateway.control import ControlPlane
+from gateway.lifecycle import run_until_stopped
 from gateway.observability.logs import AccessLog
 from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.plane import DataPlane
-from gateway.workers import supervise
+from gateway.workers import Supervisor
 
 log = logging.getLogger("shardgate")
 
@@ -85,6 +85,9 @@ class Gateway:
         self.draining = True
         self.data.begin_drain()
 
+    def exit_now(self) -> None:
+        """Nothing outlives this process: the second signal just exits."""
+
     async def stop(self, grace_timeout: float | None = None) -> None:
         """Stop accepting, let in-flight exchanges finish (up to the grace timeout), close the rest."""
         self.draining = True
@@ -94,42 +97,8 @@ class Gateway:
             await self._admin.stop()
 
 
-async def serve(settings: Settings) -> int:
-    gateway = Gateway(settings)
-    try:
-        await gateway.start()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("cannot start: %s", problem)
-        return 1
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        await gateway.stop(0)
-        return 1
-
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-
-    def on_stop_signal(signame: str) -> None:
-        if stop_requested.is_set():
-            log.warning("second %s: exiting at once", signame)
-            raise SystemExit(1)
-        log.info("%s: draining for %.1fs, then stopping", signame, settings.drain_delay)
-        gateway.begin_drain()
-        stop_requested.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_config)
-
-    await stop_requested.wait()
-    await asyncio.sleep(settings.drain_delay)
-    await gateway.stop()
-    log.info("stopped")
-    return 0
-
-
 def run_gateway(settings: Settings) -> int:
-    main = serve(settings) if settings.workers == 1 else supervise(settings)
+    process = Gateway(settings) if settings.workers == 1 else Supervisor(settings)
+    main = run_until_stopped(process, settings.drain_delay)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)

@@ -27,7 +27,7 @@ from typing import Any
 import uvloop
 
 from gateway.admin import AdminApp, AdminServer
-from gateway.config import ConfigError, Limits, Settings, ShardConfig, parse_host_port
+from gateway.config import Limits, Settings, ShardConfig, parse_host_port
 from gateway.control import ControlPlane
 from gateway.observability.logs import AccessLog, configure_logging, log_format
 from gateway.observability.metrics import Metrics, own_pod_stats
@@ -148,15 +148,19 @@ class Supervisor:
         )
 
     def _reserve_port(self) -> None:
-        """Resolve port 0 once, so that every worker binds the same port."""
+        """Bind the port once (SO_REUSEPORT, never listening) before any worker starts: port 0
+        is resolved to one port for all workers, and a port another program holds fails the
+        start here instead of sending workers into a restart loop."""
         host, port = self._listen
-        if port != 0:
-            return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, 0))  # bound, never listening: holds the port, takes no connections
+        try:
+            sock.bind((host, port))  # bound, never listening: holds the port, takes no connections
+        except OSError:
+            sock.close()
+            raise
         self._port_reservation = sock
         self._listen = (host, sock.getsockname()[1])
 
@@ -283,43 +287,17 @@ class Supervisor:
         if self._port_reservation is not None:
             self._port_reservation.close()
 
+    def reload_config(self) -> None:
+        self.control.reload()
+
+    def exit_now(self) -> None:
+        """The second signal: workers must not outlive the supervisor."""
+        self.kill_workers()
+
     def kill_workers(self) -> None:
         for worker in self.workers:
             if worker is not None and worker.proc.returncode is None:
                 worker.proc.kill()
-
-
-async def supervise(settings: Settings) -> int:
-    supervisor = Supervisor(settings)
-    try:
-        await supervisor.start()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("cannot start: %s", problem)
-        return 1
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-
-    def on_stop_signal(signame: str) -> None:
-        if stop_requested.is_set():
-            log.warning("second %s: exiting at once", signame)
-            supervisor.kill_workers()
-            raise SystemExit(1)
-        log.info("%s: draining for %.1fs, then stopping", signame, settings.drain_delay)
-        supervisor.begin_drain()
-        stop_requested.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
-    loop.add_signal_handler(signal.SIGHUP, supervisor.control.reload)
-    await stop_requested.wait()
-    await asyncio.sleep(settings.drain_delay)
-    await supervisor.stop()
-    log.info("stopped")
-    return 0
 
 
 # -- the worker process ----------------------------------------------------------------------

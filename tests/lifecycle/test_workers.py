@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -225,3 +226,29 @@ def test_a_starting_worker_takes_no_request_before_it_has_a_topology(
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.timeout(60)
+def test_a_data_port_held_by_another_program_fails_the_start(workers: str) -> None:
+    """Exit 1 with the reason, rather than workers failing to bind over and over."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "gateway", "run",
+                "--config", str(REPO_ROOT / "config" / "local.yaml"),
+                "--listen", f"127.0.0.1:{port}",
+                "--admin-listen", f"127.0.0.1:{free_port()}",
+                "--workers", workers,
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ, "SHARDGATE_DRAIN_DELAY": "0"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cannot start" in result.stdout and "in use" in result.stdout, result.stdout[-2000:]
