@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from bisect import bisect_right
-from hashlib import md5
+import struct
+from array import array
+from bisect import bisect_left, bisect_right
+
+try:
+    # CPython's own MD5 (HACL*): the same digest as OpenSSL's, in half the time for the short
+    # keys hashed here (no EVP context to set up). Builds without it fall back to hashlib's.
+    from _md5 import md5
+except ImportError:  # pragma: no cover - depends on how CPython was built
+    from hashlib import md5
 
 from uhashring import HashRing
 
 from gateway.config import ShardConfig, normalized_config
+
+# The ketama hash: the first four bytes of the MD5 digest, little-endian.
+_first_word = struct.Struct("<I").unpack_from
 
 # Bounded so that a flood of distinct keys costs memory we chose, not memory an attacker chose.
 DEFAULT_CACHE_SIZE = 100_000
@@ -42,11 +53,13 @@ class ShardRing:
     """
 
     __slots__ = (
+        "_buckets",
         "_cache",
         "_cache_size",
         "_owners",
         "_positions",
         "_ring",
+        "_shift",
         "groups",
         "hits",
         "misses",
@@ -59,8 +72,15 @@ class ShardRing:
         # layers: point i (sorted) belongs to _owners[i]; a key goes to the first point above
         # its hash, wrapping around (uhashring's own rule, so the answers are identical).
         points = self._ring.get_points()
-        self._positions = [position for position, _ in points]
+        self._positions = positions = [position for position, _ in points]
         self._owners = [name for _, name in points]
+        # A search table over the top bits of the 32-bit hash: _buckets[b] is the index of the
+        # first point at or above b << _shift, so a key's answer lies between _buckets[b] and
+        # _buckets[b + 1]. A bisect over those few points instead of the whole continuum
+        # touches one or two cache lines instead of ~16 (64 groups: 40,960 points).
+        bits = min(16, max(4, len(positions).bit_length()))
+        self._shift = shift = 32 - bits
+        self._buckets = array("I", (bisect_left(positions, b << shift) for b in range((1 << bits) + 1)))
         self._cache: dict[bytes, str] = {}
         self._cache_size = cache_size
         self.groups: tuple[str, ...] = tuple(g.name for g in config.groups)
@@ -75,7 +95,10 @@ class ShardRing:
     def owner_of_bytes(self, key: bytes) -> str:
         """``owner`` for a key given as its UTF-8 bytes: uhashring's ketama hash (the first four
         bytes of its MD5, little-endian) and its search (the first point above, wrapping)."""
-        position = bisect_right(self._positions, int.from_bytes(md5(key).digest()[:4], "little"))
+        point = _first_word(md5(key).digest())[0]
+        bucket = point >> self._shift
+        buckets = self._buckets
+        position = bisect_right(self._positions, point, buckets[bucket], buckets[bucket + 1])
         owners = self._owners
         return owners[position] if position < len(owners) else owners[0]
 
@@ -96,6 +119,21 @@ class ShardRing:
             # a hot working set refills within a few requests.
             cache.clear()
         cache[raw_key] = group
+
+    def resolve(self, raw_key: bytes, key: bytes) -> str:
+        """``owner_of_bytes(key)``, remembered under ``raw_key``: the router's cache-miss path,
+        in one call because it runs for every key not seen before."""
+        point = _first_word(md5(key).digest())[0]
+        bucket = point >> self._shift
+        buckets = self._buckets
+        position = bisect_right(self._positions, point, buckets[bucket], buckets[bucket + 1])
+        owners = self._owners
+        name = owners[position] if position < len(owners) else owners[0]
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            cache.clear()  # see remember()
+        cache[raw_key] = name
+        return name
 
     def stats(self) -> dict[str, int]:
         return {

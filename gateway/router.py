@@ -78,17 +78,18 @@ def _resolve_new_key(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
         return MISSING_KEY
     if len(key) > MAX_KEY_BYTES:
         return invalid_key(f"shard key is longer than {MAX_KEY_BYTES} bytes")
-    if min(key) < 0x20 or _DEL in key:  # cheaper than a regex for short keys
-        return invalid_key("shard key contains control characters")
-    if not key.isascii():
+    if key.isascii():
+        # ASCII is printable exactly when it has no control character (0x00-0x1f, 0x7f).
+        if not key.decode("ascii").isprintable():
+            return invalid_key("shard key contains control characters")
+    else:
+        if min(key) < 0x20 or _DEL in key:
+            return invalid_key("shard key contains control characters")
         try:
             key.decode("utf-8")  # only to validate: the ring hashes these very bytes
         except UnicodeDecodeError:
             return invalid_key("shard key is not valid UTF-8")
-    ring = topology.ring
-    name = ring.owner_of_bytes(key)
-    ring.remember(raw_key, name)
-    return topology.groups[name]
+    return topology.groups[topology.ring.resolve(raw_key, key)]
 
 
 def decide(
@@ -141,8 +142,8 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
     if count == 2:
         first, second = candidates
     else:
-        i = int(random.random() * count)
-        j = int(random.random() * (count - 1))
+        # Two distinct indexes from one random number: i, and j among the other count - 1.
+        i, j = divmod(int(random.random() * count * (count - 1)), count - 1)
         if j >= i:
             j += 1
         first, second = candidates[i], candidates[j]

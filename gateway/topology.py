@@ -44,6 +44,7 @@ class Pod:
         "closer",
         "connections",
         "group",
+        "group_bytes",
         "header_latency",
         "host",
         "idle",
@@ -56,6 +57,7 @@ class Pod:
 
     def __init__(self, group: str, host: str, port: int) -> None:
         self.group = group
+        self.group_bytes = group.encode()  # as the data plane writes it (X-Shard-Group)
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

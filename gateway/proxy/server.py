@@ -37,7 +37,7 @@ from gateway.proxy.http import (
 )
 from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection, release
 from gateway.router import REPEATED_KEY, Decision, Refusal, choose_pod, decide, is_write
-from gateway.topology import Pod, Topology
+from gateway.topology import Pod, PodState, Topology
 
 PENDING_LIMIT = 256 * 1024
 CLIENT_CLOSED = 499  # nginx's code for "client went away", used in metrics only
@@ -324,10 +324,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchanges.append(exchange)
         ctx = self.ctx
         self.deadline = ctx.loop.time() + ctx.limits.client_idle_timeout
-        parser = self.parser
-        method = parser.get_method()
-        exchange.keep_alive = parser.should_keep_alive()
-        exchange.http10 = parser.get_http_version() == "1.0"
+        method = self.parser.get_method()
         exchange.is_head = method == b"HEAD"
         exchange.idempotent = method in _IDEMPOTENT
         self._build_request(exchange, method)
@@ -360,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
         topology = ctx.holder.current
         actions = topology.header_actions if topology is not None else _NO_TOPOLOGY_ACTIONS
         raw_key = operation = request_id = forwarded_for = via = host = traceparent = tracestate = None
-        has_proto = has_forwarded_host = key_repeated = False
+        has_proto = has_forwarded_host = key_repeated = saw_connection = False
         content_length = -1
         connection_tokens: set[bytes] | None = None
         lines: list[bytes] = []
@@ -383,6 +380,7 @@ class ClientConnection(asyncio.Protocol):
                     key_repeated = True
                 raw_key = value
             elif action == _CONNECTION:
+                saw_connection = True
                 tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
                 if tokens:
                     connection_tokens = (connection_tokens or set()) | tokens
@@ -420,6 +418,12 @@ class ClientConnection(asyncio.Protocol):
             append(name + b": " + value)
         if connection_tokens:
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+        parser = self.parser
+        exchange.keep_alive = keep_alive = parser.should_keep_alive()
+        # Keep-alive without a Connection field means HTTP/1.1 or later (1.0 needs
+        # "Connection: keep-alive"), so the version is asked for (a str.format in httptools)
+        # only when a Connection field was sent or the connection is to close.
+        exchange.http10 = (not keep_alive or saw_connection) and parser.get_http_version() == "1.0"
 
         if request_id is None or not RequestIds.valid(request_id):
             request_id = ctx.ids.next()
@@ -528,7 +532,7 @@ class ClientConnection(asyncio.Protocol):
         assert decision is not None
         exchange.attempts += 1
         pod = choose_pod(decision.candidates, exclude)
-        if pod is None and exclude is not None and exclude.eligible:
+        if pod is None and exclude is not None and exclude.state is PodState.READY:
             pod = exclude  # a one-pod group: a fresh connection to the same pod is the retry
         if pod is None:
             group = decision.group
@@ -538,7 +542,7 @@ class ClientConnection(asyncio.Protocol):
         pod.inflight += 1
         pod.requests += 1
         exchange.pod = exchange.served_by = pod
-        exchange.group_bytes = pod.group.encode()
+        exchange.group_bytes = pod.group_bytes
         conn = acquire_idle(pod, self.ctx.loop.time())
         if conn is not None:
             self._send(exchange, conn)
@@ -575,11 +579,17 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, exchange: Exchange, conn: UpstreamConnection) -> None:
         exchange.upstream = conn
         exchange.sent = True
-        data = b"%sX-Shard-Group: %s\r\n\r\n" % (exchange.head, exchange.group_bytes)
-        if exchange.pending:
-            data += b"".join(exchange.pending)
-            exchange.pending.clear()
+        pending = exchange.pending
+        if pending:
+            data = b"%sX-Shard-Group: %s\r\n\r\n%s" % (
+                exchange.head,
+                exchange.group_bytes,
+                pending[0] if len(pending) == 1 else b"".join(pending),
+            )
+            pending.clear()
             exchange.pending_bytes = 0
+        else:
+            data = b"%sX-Shard-Group: %s\r\n\r\n" % (exchange.head, exchange.group_bytes)
         conn.start(exchange, data, exchange.is_head, self.ctx.loop.time())
         self._update_blocks()
 

@@ -18,7 +18,7 @@ from httptools import HttpParserError, HttpResponseParser
 
 from gateway.proxy.context import BLOCK_UPSTREAM
 from gateway.proxy.http import CONNECTION_OPTIONS, HOP_BY_HOP
-from gateway.topology import Pod
+from gateway.topology import Pod, PodState
 
 if TYPE_CHECKING:
     from gateway.proxy.context import ProxyContext
@@ -37,6 +37,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_end",
         "_informational",
         "_raw",
+        "_status",
         "closed",
         "ctx",
         "deadline",
@@ -76,6 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._dechunker: HttpResponseParser | None = None  # see _Dechunker
         self._head_at = 0  # where the (final) response head starts in _raw
         self._head_end = -1  # where it ends, once llhttp has seen all of it
+        self._status = 0  # of the response being read (llhttp's reading of the status line)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -138,22 +140,23 @@ class UpstreamConnection(asyncio.Protocol):
                     self._dechunker.feed_data(data)
             elif self._head_end >= 0:
                 self._raw = None
-                self._emit_head(exchange, raw[self._head_at : self._head_end], False)
-                if len(raw) > self._head_end:
-                    self._forward_body(exchange, memoryview(raw)[self._head_end :])
-        exchange.client.flush_output()
+                head_end = self._head_end
+                # The usual case: head and (some of the) body in one read, sent on as one piece.
+                body = memoryview(raw)[head_end:] if len(raw) > head_end else b""
+                self._emit_head(exchange, raw[self._head_at : head_end], False, body)
+        client = exchange.client
+        out = client.out
+        if out and not client.closed:  # client.flush_output(), inlined
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.ctx.metrics.bytes_sent += len(data)
+            client.transport.write(data)  # type: ignore[union-attr]
+            out.clear()
         if self.response_done:
             exchange.response_complete(self)
         elif exchange.status and not self.read_paused:
             # Mid-body: an upstream silent for the response timeout is cut off (the client
             # sees a truncated response, never a fake end). Paused reads are our doing, not its.
             self.deadline = self.ctx.loop.time() + self.ctx.limits.upstream_header_timeout
-
-    def _forward_body(self, exchange: Exchange, data: bytes | memoryview) -> None:
-        if self._dechunker is None:
-            exchange.client.out.append(data)  # body bytes, forwarded as they came
-        else:
-            self._dechunker.feed_data(data)
 
     # -- exchange handling -----------------------------------------------------------------
 
@@ -225,7 +228,8 @@ class UpstreamConnection(asyncio.Protocol):
         end = raw.find(b"\r\n\r\n", self._head_at)
         if end < 0:
             raise HttpParserError("response head without CRLF line ends")
-        if self.parser.get_status_code() < 200:
+        self._status = status = self.parser.get_status_code()
+        if status < 200:
             # 1xx: the gateway answers Expect itself; interim responses are not relayed.
             self._head_at = end + 4
             self._informational = True
@@ -241,21 +245,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- response head -----------------------------------------------------------------------
 
-    def _observe_response_headers(self) -> None:
-        ctx = self.ctx
-        histogram = self.pod.header_latency
-        if histogram is None:  # resolved once per pod, not per response
-            histogram = self.pod.header_latency = ctx.metrics.response_headers(self.pod.group)
-        histogram.observe(ctx.loop.time() - self.sent_at)
-
-    def _emit_head(self, exchange: Exchange, head: bytes, head_only: bool) -> None:
-        """Queue the response head for the client, rewritten in place: hop-by-hop fields out,
-        X-Shard-Group and X-Request-ID in, everything else byte for byte."""
+    def _emit_head(
+        self, exchange: Exchange, head: bytes, head_only: bool, body: bytes | memoryview = b""
+    ) -> None:
+        """Queue the response head (and the ``body`` bytes that came with it) for the client,
+        rewritten in place: hop-by-hop fields out, X-Shard-Group and X-Request-ID in,
+        everything else byte for byte."""
         self.deadline = 0.0
-        self._observe_response_headers()
+        pod = self.pod
+        histogram = pod.header_latency
+        if histogram is None:  # resolved once per pod, not per response
+            histogram = pod.header_latency = self.ctx.metrics.response_headers(pod.group)
+        histogram.observe(self.ctx.loop.time() - self.sent_at)
         line_end = head.find(b"\r\n")
         status_line = head[:line_end]
-        status = int(status_line[9:12]) if status_line[9:12].isdigit() else 502
+        status = self._status
         if not status_line.startswith(b"HTTP/1.1 "):
             status_line = b"HTTP/1.1" + status_line[8:]  # we speak 1.1 to the client, whatever they did
         fields = head[line_end:-4]  # "\r\nName: value" per field
@@ -293,10 +297,18 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             connection = b""
         exchange.status = status
-        exchange.client.out.append(
-            b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n"
-            % (status_line, fields, exchange.group_bytes, exchange.rid, connection)
-        )
+        if self._dechunker is None:
+            exchange.client.out.append(
+                b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n%s"
+                % (status_line, fields, exchange.group_bytes, exchange.rid, connection, body)
+            )
+        else:
+            exchange.client.out.append(
+                b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n"
+                % (status_line, fields, exchange.group_bytes, exchange.rid, connection)
+            )
+            if body:
+                self._dechunker.feed_data(body)
 
     def _head_data(self, exchange: Exchange, data: bytes) -> None:
         """Delimit a HEAD response by hand: llhttp cannot be told that no body follows."""
@@ -326,6 +338,7 @@ class UpstreamConnection(asyncio.Protocol):
                 and re.search(rb"\r\nconnection:[^\r]*close", lower) is None
             )
             self._head_buffer = None
+            self._status = int(code)
             self._emit_head(exchange, head, True)
             self.response_done = True
             return
@@ -449,7 +462,7 @@ def release(conn: UpstreamConnection, now: float) -> None:
     if (
         conn.closed
         or not conn.keep_alive
-        or not pod.eligible
+        or pod.state is not PodState.READY
         or conn.ctx.draining
         or len(pod.idle) >= limits.max_idle_per_pod
     ):
