@@ -127,8 +127,9 @@ class Exchange:
         if not self.request_done:
             conn.keep_alive = False  # it never got the whole request; reuse would desync it
             self.keep_alive = False
-        release(conn, self.client.ctx.loop.time())
-        self.client.exchange_done(self)
+        now = self.client.ctx.loop.time()
+        release(conn, now)
+        self.client.exchange_done(self, now)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         """The upstream connection closed under this exchange."""
@@ -182,6 +183,7 @@ class Exchange:
         self._leave_pod()
         self.sent = False
         self.client.dispatch(self, exclude)
+        self.client._update_blocks()
 
     def _leave_pod(self) -> None:
         if self.pod is not None:
@@ -368,51 +370,58 @@ class ClientConnection(asyncio.Protocol):
                 action = _classify_header(name.lower(), topology)
                 if len(actions) < _ACTION_CACHE_SIZE:  # a cache of spellings seen, bounded
                     actions[name] = action
+            # The common fields first: most requests carry nothing but these.
             if action == _FORWARD:
                 append(name + b": " + value)
                 continue
-            if action == _DROP:
-                continue  # hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
             if action == _KEY:
                 if raw_key is not None:
                     # Two key headers: a backend reading the other one would write a key
                     # this group does not own. Refused, never guessed.
                     key_repeated = True
                 raw_key = value
-            elif action == _CONNECTION:
+                append(name + b": " + value)
+                continue
+            if action == _HOST:
+                host = value
+                append(name + b": " + value)
+                continue
+            if action == _CONTENT_LENGTH:
+                content_length = int(value) if value.isdigit() else -1
+                append(name + b": " + value)
+                continue
+            if action == _DROP:
+                continue  # hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
+            if action == _CONNECTION:
                 saw_connection = True
                 tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
                 if tokens:
                     connection_tokens = (connection_tokens or set()) | tokens
                 continue
-            elif action == _REQUEST_ID:
+            if action == _REQUEST_ID:
                 request_id = value
                 continue
-            elif action == _FORWARDED_FOR:
+            if action == _FORWARDED_FOR:
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
-            elif action == _FORWARDED_PROTO:
+            if action == _TRACEPARENT:
+                traceparent = value
+                continue  # re-added below: ours when this request is traced
+            if action == _VIA:
+                via = value if via is None else via + b", " + value
+                continue
+            if action == _EXPECT:
+                if value.strip().lower() == b"100-continue":
+                    exchange.expect_continue = True
+                continue  # the gateway answers Expect itself
+            if action == _FORWARDED_PROTO:
                 has_proto = True
             elif action == _FORWARDED_HOST:
                 has_forwarded_host = True
             elif action == _OPERATION:
                 operation = value
-            elif action == _HOST:
-                host = value
-            elif action == _TRACEPARENT:
-                traceparent = value
-                continue  # re-added below: ours when this request is traced
             elif action == _TRACESTATE:
                 tracestate = value
-            elif action == _VIA:
-                via = value if via is None else via + b", " + value
-                continue
-            elif action == _EXPECT:
-                if value.strip().lower() == b"100-continue":
-                    exchange.expect_continue = True
-                continue  # the gateway answers Expect itself
-            elif action == _CONTENT_LENGTH:
-                content_length = int(value) if value.isdigit() else -1
             elif action == _TRANSFER_ENCODING:
                 exchange.chunked = True
             append(name + b": " + value)
@@ -444,15 +453,10 @@ class ClientConnection(asyncio.Protocol):
             return
         assert topology is not None
         exchange.decision = decision
-        lines.append(b"X-Request-ID: " + request_id)
         peer = self.peer
-        lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer if forwarded_for else peer))
-        if not has_proto:
-            lines.append(b"X-Forwarded-Proto: http")
+        extra = b"" if has_proto else b"X-Forwarded-Proto: http\r\n"
         if not has_forwarded_host and host is not None:
-            lines.append(b"X-Forwarded-Host: " + host)
-        lines.append(b"Via: " + (via + b", " + VIA_TOKEN if via else VIA_TOKEN))
-        lines.append(b"X-Shard-Epoch: " + topology.epoch_bytes)
+            extra += b"X-Forwarded-Host: " + host + b"\r\n"
         tracing = ctx.tracing
         if tracing is not None:
             parent = parse_traceparent(traceparent) if traceparent is not None else None
@@ -472,15 +476,30 @@ class ClientConnection(asyncio.Protocol):
                     },
                 )
                 exchange.traceparent = traceparent
-        if traceparent is not None:
-            lines.append(b"traceparent: " + traceparent)
-        # X-Shard-Group and the blank line are added per attempt: a read's group is its pod's.
+        tail = b"" if traceparent is None else b"traceparent: " + traceparent + b"\r\n"
         if exchange.http10:
             # Asking in HTTP/1.0 means the upstream cannot answer chunked, which such a
             # client could not read; keep-alive is still requested for the pool's sake.
-            lines.append(b"Connection: keep-alive")
-        version = b"HTTP/1.0" if exchange.http10 else b"HTTP/1.1"
-        exchange.head = b"%s %s %s\r\n%s\r\n" % (method, self._url, version, b"\r\n".join(lines))
+            tail += b"Connection: keep-alive\r\n"
+        # One format for the whole head. X-Shard-Group and the blank line are added per
+        # attempt: a read's group is its pod's.
+        forwarded = b"\r\n".join(lines)
+        exchange.head = (
+            b"%s %s %s\r\n%s%sX-Request-ID: %s\r\nX-Forwarded-For: %s\r\n%sVia: %s\r\nX-Shard-Epoch: %s\r\n%s"
+            % (
+                method,
+                self._url,
+                b"HTTP/1.0" if exchange.http10 else b"HTTP/1.1",
+                forwarded,
+                b"\r\n" if forwarded else b"",
+                request_id,
+                forwarded_for + b", " + peer if forwarded_for else peer,
+                extra,
+                via + b", " + VIA_TOKEN if via else VIA_TOKEN,
+                topology.epoch_bytes,
+                tail,
+            )
+        )
 
     # -- driving exchanges ---------------------------------------------------------------------
 
@@ -504,7 +523,9 @@ class ClientConnection(asyncio.Protocol):
                 exchange.pending.clear()
                 exchange.pending_bytes = 0
             break
-        self._update_blocks()
+        exchanges = self.exchanges
+        if self.read_blocks or len(exchanges) > 1 or (exchanges and exchanges[0].pending_bytes):
+            self._update_blocks()  # (the common case needs nothing: checked here, without a call)
 
     def _update_blocks(self) -> None:
         exchanges = self.exchanges
@@ -543,9 +564,10 @@ class ClientConnection(asyncio.Protocol):
         pod.requests += 1
         exchange.pod = exchange.served_by = pod
         exchange.group_bytes = pod.group_bytes
-        conn = acquire_idle(pod, self.ctx.loop.time())
+        now = self.ctx.loop.time()
+        conn = acquire_idle(pod, now)
         if conn is not None:
-            self._send(exchange, conn)
+            self._send(exchange, conn, now)
         else:
             self.ctx.loop.create_task(self._connect_and_send(exchange, pod))
 
@@ -562,6 +584,7 @@ class ClientConnection(asyncio.Protocol):
                 ctx.metrics.upstream_retries += 1
                 exchange._leave_pod()
                 self.dispatch(exchange, pod)
+                self._update_blocks()
                 return
             timeout = isinstance(exc, TimeoutError)
             self.fail(
@@ -575,8 +598,9 @@ class ClientConnection(asyncio.Protocol):
             release(conn, ctx.loop.time())
             return
         self._send(exchange, conn)
+        self._update_blocks()
 
-    def _send(self, exchange: Exchange, conn: UpstreamConnection) -> None:
+    def _send(self, exchange: Exchange, conn: UpstreamConnection, now: float | None = None) -> None:
         exchange.upstream = conn
         exchange.sent = True
         pending = exchange.pending
@@ -590,8 +614,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.pending_bytes = 0
         else:
             data = b"%sX-Shard-Group: %s\r\n\r\n" % (exchange.head, exchange.group_bytes)
-        conn.start(exchange, data, exchange.is_head, self.ctx.loop.time())
-        self._update_blocks()
+        conn.start(exchange, data, exchange.is_head, self.ctx.loop.time() if now is None else now)
 
     def fail(
         self,
@@ -622,13 +645,16 @@ class ClientConnection(asyncio.Protocol):
         )
         self.exchange_done(exchange)
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: Exchange, now: float | None = None) -> None:
         """The response is complete: account for it, then close or move to the next request."""
         pod = exchange.pod
         if pod is not None:  # exchange._leave_pod(), inlined
             pod.inflight -= 1
             exchange.pod = None
-        self._record(exchange, exchange.status)
+        ctx = self.ctx
+        if now is None:
+            now = ctx.loop.time()
+        self._record(exchange, exchange.status, now)
         exchanges = self.exchanges
         if exchanges and exchanges[0] is exchange:
             del exchanges[0]
@@ -636,15 +662,16 @@ class ClientConnection(asyncio.Protocol):
             self.unblock_reading(BLOCK_UPSTREAM)
         if self.out:
             self.flush_output()
-        if not exchange.keep_alive or self.ctx.draining:
+        if not exchange.keep_alive or ctx.draining:
             self._close()
             return
-        if self.exchanges:
+        if exchanges:
             self._advance()
         else:
-            self._update_blocks()
+            if self.read_blocks:
+                self._update_blocks()
             if self.parsing is None:
-                self.deadline = self.ctx.loop.time() + self.ctx.limits.client_idle_timeout
+                self.deadline = now + ctx.limits.client_idle_timeout
 
     def abort_exchange(self, exchange: Exchange) -> None:
         """A response already under way cannot be completed: cut the client off, never fake it."""
@@ -659,13 +686,13 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _record(self, exchange: Exchange, status: int) -> None:
+    def _record(self, exchange: Exchange, status: int, now: float | None = None) -> None:
         decision = exchange.decision
         group = decision.group if decision is not None and decision.group else None
         if group is None:
             group = exchange.group_bytes.decode() if exchange.group_bytes else "none"
         ctx = self.ctx
-        seconds = ctx.loop.time() - exchange.start_time
+        seconds = (ctx.loop.time() if now is None else now) - exchange.start_time
         metrics = ctx.metrics
         stats = (metrics.write_routes if exchange.is_write else metrics.read_routes).get(group)
         if stats is None:

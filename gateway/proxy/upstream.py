@@ -279,8 +279,11 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 fields = _without_hop_by_hop(fields, lower)
                 lower = fields.lower()
-        chunked = b"\r\ntransfer-encoding:" in lower and _is_chunked(lower)
-        has_length = b"\r\ncontent-length:" in lower
+        # (bytes.find: ``in`` on bytes goes through the buffer protocol and costs more.)
+        has_length = lower.find(b"\r\ncontent-length:") >= 0
+        # llhttp refuses a response with both, so only one without a length can be chunked
+        # (HEAD responses are not parsed by llhttp, but have no body to frame either).
+        chunked = not has_length and lower.find(b"\r\ntransfer-encoding:") >= 0 and _is_chunked(lower)
         if chunked and exchange.http10 and not head_only:
             # An HTTP/1.0 client cannot read chunked framing: decode it, end with the close.
             fields = _without_fields(fields, lower, {b"transfer-encoding"})
@@ -468,7 +471,8 @@ def release(conn: UpstreamConnection, now: float) -> None:
     ):
         conn.close()
         return
-    conn.set_reading(True)  # an idle connection must read, to notice the upstream closing it
+    if conn.read_paused:
+        conn.set_reading(True)  # an idle connection must read, to notice the upstream closing it
     conn.deadline = now + limits.upstream_idle_timeout
     conn.idle_since = now
     pod.idle.append(conn)

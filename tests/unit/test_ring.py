@@ -56,6 +56,8 @@ CONFIGS = {
     "custom-vnodes": make_config(equal("a", "b", "c", "d"), vnodes=7),
     "one-group": make_config(equal("solo")),
     "heavy-vnodes": make_config([("x", 3), ("y", 1)], vnodes=400),
+    # 40,960 points: the bucketed search uses its widest table (2^16 buckets).
+    "sixty-four": make_config(equal(*(f"group-{i}" for i in range(64)))),
 }
 
 

@@ -155,6 +155,8 @@ def test_read_without_a_key_goes_to_any_ready_pod(reads: str, raw: bytes | None)
         (b"a\nb", "control characters"),
         (b"a\rb", "control characters"),
         (b"a\tb", "control characters"),
+        ("é\x01".encode(), "control characters"),  # not ASCII: checked byte by byte
+        ("é\x7f".encode(), "control characters"),
         (b"\xff\xfe", "not valid UTF-8"),
         (b"caf\xc3", "not valid UTF-8"),
         (b"\xc0\xaf", "not valid UTF-8"),
