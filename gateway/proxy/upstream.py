@@ -300,18 +300,26 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             connection = b""
         exchange.status = status
-        if self._dechunker is None:
-            exchange.client.out.append(
-                b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n%s"
-                % (status_line, fields, exchange.group_bytes, exchange.rid, connection, body)
+        # One join (about a third cheaper than %-formatting the same pieces); the body bytes
+        # that came with the head go along, unless they must be decoded first.
+        dechunker = self._dechunker
+        exchange.client.out.append(
+            b"".join(
+                (
+                    status_line,
+                    fields,
+                    _GROUP_FIELD,
+                    exchange.group_bytes,
+                    _ID_FIELD,
+                    exchange.rid,
+                    connection,
+                    _HEAD_END,
+                    b"" if dechunker else body,
+                )
             )
-        else:
-            exchange.client.out.append(
-                b"%s%s\r\nX-Shard-Group: %s\r\nX-Request-ID: %s%s\r\n\r\n"
-                % (status_line, fields, exchange.group_bytes, exchange.rid, connection)
-            )
-            if body:
-                self._dechunker.feed_data(body)
+        )
+        if dechunker is not None and body:
+            dechunker.feed_data(body)
 
     def _head_data(self, exchange: Exchange, data: bytes) -> None:
         """Delimit a HEAD response by hand: llhttp cannot be told that no body follows."""
@@ -347,6 +355,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
 
 
+_GROUP_FIELD = b"\r\nX-Shard-Group: "
+_ID_FIELD = b"\r\nX-Request-ID: "
+_HEAD_END = b"\r\n\r\n"
 _KEEP_ALIVE_FIELD = b"\r\nconnection: keep-alive"
 _HOP_NAMES = b"|".join(sorted(HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS))
 # A field the client must not get from the upstream (searched in the lower-cased field block).
