@@ -299,18 +299,20 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
+    def on_url(self, url: bytes) -> None:
+        if self._reading_head:
+            self._url += url  # the rest of a target that arrived in pieces
+            return
+        # A request begins: its target is llhttp's first callback for it (an on_message_begin
+        # would be one more Python call per request).
         ctx = self.ctx
         now = ctx.loop.time()
         self.parsing = Exchange(self, now)
         self._headers = []
-        self._url = b""
+        self._url = url
         self._header_bytes = 0
         self._reading_head = True
         self.deadline = now + ctx.limits.client_header_timeout
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
