@@ -85,6 +85,28 @@ def test_content_length_request_body(gw: Gateway, pods: Pods) -> None:
     assert req.group == pods.recipe.owner("cl")
 
 
+def test_request_arriving_in_pieces_is_forwarded_intact(gw: Gateway, pods: Pods) -> None:
+    """Reads that end inside the method, the target, a header and the body: the request (and
+    the next one on the connection) reach the owner group whole."""
+    with RawConn(gw.port) as conn:
+        for round_ in range(2):
+            key = f"pieces-{round_}"
+            target = f"/in-pieces/{round_}?q=" + "x" * 300
+            body = os.urandom(3000)
+            request = build_request("POST", target, [(KEY_HEADER, key), ("X-Trace-Me", "yes")], body)
+            cuts = [2, 9, 120, request.index(b"\r\n\r\n") - 3, len(request) - 1000]
+            for start, stop in zip([0, *cuts], [*cuts, len(request)], strict=True):
+                conn.send(request[start:stop])
+                time.sleep(0.02)  # (pacing only: each piece should arrive as its own read)
+            resp = conn.read_response("POST")
+            assert resp.status == 200, resp.body
+            assert resp.json()["target"] == target
+            assert resp.json()["body_sha256"] == sha256(body)
+    recorded = _recorded(pods, "/in-pieces/0") + _recorded(pods, "/in-pieces/1")
+    assert [r.group for r in recorded] == [pods.recipe.owner("pieces-0"), pods.recipe.owner("pieces-1")]
+    assert all(r.header("X-Trace-Me") == "yes" and r.body_length == 3000 for r in recorded)
+
+
 def test_chunked_request_body_arrives_intact(gw: Gateway, pods: Pods) -> None:
     pieces = [b"a", os.urandom(10), os.urandom(4096), os.urandom(70_000), b"xyz", os.urandom(1)]
     body = b"".join(pieces)
