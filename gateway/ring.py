@@ -47,19 +47,21 @@ def ring_epoch_inputs(config: ShardConfig) -> dict[str, dict[str, int]]:
 class ShardRing:
     """Immutable ketama ring of group names with a bounded lookup cache.
 
-    ``owner`` is the contract's recipe. ``cached_owner``/``remember`` serve the router, which
-    keys the cache on the raw header bytes it already holds (only validated keys are stored,
-    so a hit skips validation, decoding and hashing: one dict lookup).
+    ``owner`` is the contract's recipe. The router reads ``cache`` directly (and bumps
+    ``hits``/``misses``) and calls ``resolve`` on a miss; the cache is keyed on the raw header
+    bytes it already holds (only validated keys are stored, so a hit skips validation,
+    decoding and hashing: one dict lookup). ``cached_owner``/``remember`` are the same, as
+    methods.
     """
 
     __slots__ = (
         "_buckets",
-        "_cache",
         "_cache_size",
         "_owners",
         "_positions",
         "_ring",
         "_shift",
+        "cache",
         "groups",
         "hits",
         "misses",
@@ -81,7 +83,7 @@ class ShardRing:
         bits = min(16, max(4, len(positions).bit_length()))
         self._shift = shift = 32 - bits
         self._buckets = array("I", (bisect_left(positions, b << shift) for b in range((1 << bits) + 1)))
-        self._cache: dict[bytes, str] = {}
+        self.cache: dict[bytes, str] = {}
         self._cache_size = cache_size
         self.groups: tuple[str, ...] = tuple(g.name for g in config.groups)
         self.points: int = len(self._ring.get_points())
@@ -104,7 +106,7 @@ class ShardRing:
 
     def cached_owner(self, raw_key: bytes) -> str | None:
         """The cached owner of an already validated raw key, if any (the hot path's lookup)."""
-        group = self._cache.get(raw_key)
+        group = self.cache.get(raw_key)
         if group is None:
             self.misses += 1
         else:
@@ -113,7 +115,7 @@ class ShardRing:
 
     def remember(self, raw_key: bytes, group: str) -> None:
         """Cache the owner of a key that was just validated and looked up."""
-        cache = self._cache
+        cache = self.cache
         if len(cache) >= self._cache_size:
             # Dropping everything is O(1) amortised and keeps the hot path branch-free;
             # a hot working set refills within a few requests.
@@ -129,7 +131,7 @@ class ShardRing:
         position = bisect_right(self._positions, point, buckets[bucket], buckets[bucket + 1])
         owners = self._owners
         name = owners[position] if position < len(owners) else owners[0]
-        cache = self._cache
+        cache = self.cache
         if len(cache) >= self._cache_size:
             cache.clear()  # see remember()
         cache[raw_key] = name
@@ -139,7 +141,7 @@ class ShardRing:
         return {
             "groups": len(self.groups),
             "points": self.points,
-            "cache_entries": len(self._cache),
+            "cache_entries": len(self.cache),
             "cache_hits": self.hits,
             "cache_misses": self.misses,
         }

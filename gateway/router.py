@@ -14,6 +14,7 @@ __all__ = ["REPEATED_KEY", "Decision", "Refusal", "choose_pod", "decide", "is_wr
 
 MAX_KEY_BYTES = 256
 _READY = PodState.READY
+_random = random.random
 _DEL = b"\x7f"
 _WHITESPACE = b" \t"
 _WRITE = b"write"
@@ -102,8 +103,14 @@ def decide(
     )  # is_write(), inlined: this runs for every request
     owner: GroupView | None = None
     if raw_key is not None:
-        name = topology.ring.cached_owner(raw_key)
-        found = topology.groups[name] if name is not None else _resolve_new_key(topology, raw_key)
+        ring = topology.ring
+        name = ring.cache.get(raw_key)  # ring.cached_owner(), inlined: this runs for every request
+        if name is not None:
+            ring.hits += 1
+            found: GroupView | Refusal = topology.groups[name]
+        else:
+            ring.misses += 1
+            found = _resolve_new_key(topology, raw_key)
         if isinstance(found, Refusal):
             if write or found is not MISSING_KEY:
                 return found
@@ -143,7 +150,7 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
         first, second = candidates
     else:
         # Two distinct indexes from one random number: i, and j among the other count - 1.
-        i, j = divmod(int(random.random() * count * (count - 1)), count - 1)
+        i, j = divmod(int(_random() * count * (count - 1)), count - 1)
         if j >= i:
             j += 1
         first, second = candidates[i], candidates[j]
@@ -159,4 +166,5 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
         return first
     if second.inflight < first.inflight:
         return second
-    return first if random.random() < 0.5 else second
+    # A tie: ``first`` is already a uniform pick when there were more than two candidates.
+    return first if count > 2 or _random() < 0.5 else second

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import cycle
 from typing import Any
@@ -321,7 +322,7 @@ def make_pods(*inflight: int) -> tuple[Pod, ...]:
 
 
 class FixedRandom:
-    """Stands in for the ``random`` module inside gateway.router: replays given values."""
+    """Stands in for ``random.random`` inside gateway.router: replays given values."""
 
     def __init__(self, values: Sequence[float]) -> None:
         self._values: Iterator[float] = cycle(values)
@@ -345,13 +346,20 @@ def test_choose_pod_never_picks_the_busiest_of_many() -> None:
 
 def test_choose_pod_compares_the_two_sampled_pods(monkeypatch: pytest.MonkeyPatch) -> None:
     pods = make_pods(7, 2, 0)
-    monkeypatch.setattr(router, "random", FixedRandom([0.0, 0.0]))  # samples pods 0 and 1
+    monkeypatch.setattr(router, "_random", FixedRandom([0.0]).random)  # samples pods 0 and 1
     assert choose_pod(pods) is pods[1]
 
 
 def test_choose_pod_breaks_ties_both_ways() -> None:
     pods = make_pods(1, 1)
     assert {choose_pod(pods) for _ in range(200)} == set(pods)
+
+
+def test_choose_pod_spreads_ties_among_many_evenly() -> None:
+    pods = make_pods(0, 0, 0, 0, 0)
+    picks = Counter(choose_pod(pods) for _ in range(5000))
+    assert set(picks) == set(pods)
+    assert all(700 < count < 1300 for count in picks.values()), picks  # 1000 expected each
 
 
 def test_choose_pod_honours_exclude() -> None:
@@ -387,7 +395,7 @@ def test_choose_pod_with_one_eligible_after_exclude() -> None:
 def test_choose_pod_finds_the_last_eligible_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     pods = make_pods(0, 0, 0)
     pods[0].state, pods[1].state = PodState.NOT_READY, PodState.TERMINATING
-    monkeypatch.setattr(router, "random", FixedRandom([0.0, 0.0]))  # samples pods 0 and 1
+    monkeypatch.setattr(router, "_random", FixedRandom([0.0]).random)  # samples pods 0 and 1
     assert choose_pod(pods) is pods[2]
 
 
