@@ -257,28 +257,29 @@ class UpstreamConnection(asyncio.Protocol):
         if histogram is None:  # resolved once per pod, not per response
             histogram = pod.header_latency = self.ctx.metrics.response_headers(pod.group)
         histogram.observe(self.ctx.loop.time() - self.sent_at)
-        line_end = head.find(b"\r\n")
-        status_line = head[:line_end]
         status = self._status
-        if not status_line.startswith(b"HTTP/1.1 "):
-            status_line = b"HTTP/1.1" + status_line[8:]  # we speak 1.1 to the client, whatever they did
-        fields = head[line_end:-4]  # "\r\nName: value" per field
-        lower = fields.lower()
+        if not head.startswith(b"HTTP/1.1 "):
+            head = b"HTTP/1.1" + head[8:]  # we speak 1.1 to the client, whatever they did
+        end = len(head) - 4  # the fields end here; the blank line is re-added below
+        lower = head.lower()  # (the status line cannot match a "\r\n"-led search below)
         hop = _REWRITE.search(lower)
-        if hop is not None:
+        if hop is None:
+            kept = head[:end]
+        else:
             at = hop.start()
-            end = at + len(_KEEP_ALIVE_FIELD)
+            stop = at + len(_KEEP_ALIVE_FIELD)
             if (
                 lower.startswith(_KEEP_ALIVE_FIELD, at)
-                and (end == len(lower) or lower.startswith(b"\r\n", end))
-                and _REWRITE.search(lower, end) is None
+                and (stop == end or lower.startswith(b"\r\n", stop))
+                and _REWRITE.search(lower, stop) is None
             ):
                 # Just "Connection: keep-alive" (nginx, most servers): cut that one field
                 # (``lower`` keeps it: it is only searched for framing fields below).
-                fields = fields[:at] + fields[end:]
+                kept = head[:at] + head[stop:end]
             else:
-                fields = _without_hop_by_hop(fields, lower)
-                lower = fields.lower()
+                line_end = head.find(b"\r\n")
+                kept = head[:line_end] + _without_hop_by_hop(head[line_end:end], lower[line_end:end])
+                lower = kept.lower()
         # (bytes.find: ``in`` on bytes goes through the buffer protocol and costs more.)
         has_length = lower.find(b"\r\ncontent-length:") >= 0
         # llhttp refuses a response with both, so only one without a length can be chunked
@@ -286,7 +287,9 @@ class UpstreamConnection(asyncio.Protocol):
         chunked = not has_length and lower.find(b"\r\ntransfer-encoding:") >= 0 and _is_chunked(lower)
         if chunked and exchange.http10 and not head_only:
             # An HTTP/1.0 client cannot read chunked framing: decode it, end with the close.
-            fields = _without_fields(fields, lower, {b"transfer-encoding"})
+            line_end = kept.find(b"\r\n")
+            fields = _without_fields(kept[line_end:], lower[line_end:], {b"transfer-encoding"})
+            kept = kept[:line_end] + fields
             self._dechunker = _Dechunker.parser(exchange.client.out)
         bodiless = head_only or status in _NO_BODY_STATUSES or 100 <= status < 200
         self.until_close = not bodiless and not has_length and not chunked
@@ -306,8 +309,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.client.out.append(
             b"".join(
                 (
-                    status_line,
-                    fields,
+                    kept,
                     _GROUP_FIELD,
                     exchange.group_bytes,
                     _ID_FIELD,
