@@ -45,6 +45,7 @@ class Pod:
         "connections",
         "group",
         "group_bytes",
+        "group_line",
         "header_latency",
         "host",
         "idle",
@@ -58,6 +59,7 @@ class Pod:
     def __init__(self, group: str, host: str, port: int) -> None:
         self.group = group
         self.group_bytes = group.encode()  # as the data plane writes it (X-Shard-Group)
+        self.group_line = b"X-Shard-Group: " + self.group_bytes + b"\r\n\r\n"  # ends a request head
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -610,12 +610,16 @@ class ClientConnection(asyncio.Protocol):
         exchange.upstream = conn
         exchange.sent = True
         pending = exchange.pending
-        if pending:
-            data = b"".join((exchange.head, b"X-Shard-Group: ", exchange.group_bytes, b"\r\n\r\n", *pending))
+        group_line = conn.pod.group_line  # "X-Shard-Group: <group>" and the blank line
+        if not pending:
+            data = exchange.head + group_line
+        else:
+            if len(pending) == 1:  # the usual body: it came with the head
+                data = b"".join((exchange.head, group_line, pending[0]))
+            else:
+                data = b"".join((exchange.head, group_line, *pending))
             pending.clear()
             exchange.pending_bytes = 0
-        else:
-            data = b"".join((exchange.head, b"X-Shard-Group: ", exchange.group_bytes, b"\r\n\r\n"))
         conn.start(exchange, data, exchange.is_head, self.ctx.loop.time() if now is None else now)
 
     def fail(
