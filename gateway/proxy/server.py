@@ -13,6 +13,7 @@ a request is tried on a second pod only when no byte of it was handed to the fir
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -364,9 +365,9 @@ class ClientConnection(asyncio.Protocol):
         has_proto = has_forwarded_host = key_repeated = saw_connection = False
         content_length = -1
         connection_tokens: set[bytes] | None = None
-        lines: list[bytes] = []
-        append = lines.append
-        for name, value in self._headers:
+        headers = self._headers
+        rewritten = False  # some field is dropped or replaced (most requests: none)
+        for name, value in headers:
             action = actions.get(name)
             if action is None:
                 action = _classify_header(name.lower(), topology)
@@ -374,7 +375,6 @@ class ClientConnection(asyncio.Protocol):
                     actions[name] = action
             # The common fields first: most requests carry nothing but these.
             if action == _FORWARD:
-                append(name + b": " + value)
                 continue
             if action == _KEY:
                 if raw_key is not None:
@@ -382,53 +382,46 @@ class ClientConnection(asyncio.Protocol):
                     # this group does not own. Refused, never guessed.
                     key_repeated = True
                 raw_key = value
-                append(name + b": " + value)
                 continue
             if action == _HOST:
                 host = value
-                append(name + b": " + value)
                 continue
             if action == _CONTENT_LENGTH:
                 content_length = int(value) if value.isdigit() else -1
-                append(name + b": " + value)
                 continue
-            if action == _DROP:
-                continue  # hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
+            if action in _FORWARDED_ACTIONS:
+                if action == _FORWARDED_PROTO:
+                    has_proto = True
+                elif action == _FORWARDED_HOST:
+                    has_forwarded_host = True
+                elif action == _OPERATION:
+                    operation = value
+                elif action == _TRACESTATE:
+                    tracestate = value
+                elif action == _TRANSFER_ENCODING:
+                    exchange.chunked = True
+                continue
+            rewritten = True  # from here on: fields not forwarded as they came
             if action == _CONNECTION:
                 saw_connection = True
                 tokens = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
                 if tokens:
                     connection_tokens = (connection_tokens or set()) | tokens
-                continue
-            if action == _REQUEST_ID:
+            elif action == _REQUEST_ID:
                 request_id = value
-                continue
-            if action == _FORWARDED_FOR:
+            elif action == _FORWARDED_FOR:
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-                continue
-            if action == _TRACEPARENT:
-                traceparent = value
-                continue  # re-added below: ours when this request is traced
-            if action == _VIA:
+            elif action == _TRACEPARENT:
+                traceparent = value  # re-added below: ours when this request is traced
+            elif action == _VIA:
                 via = value if via is None else via + b", " + value
-                continue
-            if action == _EXPECT:
+            elif action == _EXPECT:
                 if value.strip().lower() == b"100-continue":
-                    exchange.expect_continue = True
-                continue  # the gateway answers Expect itself
-            if action == _FORWARDED_PROTO:
-                has_proto = True
-            elif action == _FORWARDED_HOST:
-                has_forwarded_host = True
-            elif action == _OPERATION:
-                operation = value
-            elif action == _TRACESTATE:
-                tracestate = value
-            elif action == _TRANSFER_ENCODING:
-                exchange.chunked = True
-            append(name + b": " + value)
-        if connection_tokens:
-            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+                    exchange.expect_continue = True  # the gateway answers Expect itself
+            # else _DROP: hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
+        if rewritten:
+            headers = _forwarded_fields(headers, topology, connection_tokens or _NO_NAMES)
+        forwarded = b"\r\n".join(map(_FIELD_JOIN, headers))  # "Name: value" lines, built in C
         parser = self.parser
         exchange.keep_alive = keep_alive = parser.should_keep_alive()
         # Keep-alive without a Connection field means HTTP/1.1 or later (1.0 needs
@@ -491,8 +484,8 @@ class ClientConnection(asyncio.Protocol):
                 b" ",
                 self._url,
                 b" HTTP/1.0\r\n" if exchange.http10 else b" HTTP/1.1\r\n",
-                b"\r\n".join(lines),
-                b"\r\nX-Request-ID: " if lines else b"X-Request-ID: ",
+                forwarded,
+                b"\r\nX-Request-ID: " if forwarded else b"X-Request-ID: ",
                 request_id,
                 b"\r\nX-Forwarded-For: ",
                 forwarded_for + b", " + peer if forwarded_for else peer,
@@ -848,6 +841,25 @@ _NAMED_ACTIONS = {
     b"transfer-encoding": _TRANSFER_ENCODING,
 }
 _NO_TOPOLOGY_ACTIONS: dict[bytes, int] = {}
+# Fields forwarded as they came, though the gateway reads them.
+_FORWARDED_ACTIONS = frozenset(
+    {_FORWARD, _KEY, _HOST, _CONTENT_LENGTH, _FORWARDED_PROTO, _FORWARDED_HOST, _OPERATION, _TRACESTATE,
+     _TRANSFER_ENCODING}
+)  # fmt: skip
+_FIELD_JOIN = b": ".join
+_NO_NAMES: frozenset[bytes] = frozenset()
+
+
+def _forwarded_fields(
+    headers: list[tuple[bytes, bytes]], topology: Topology | None, named: AbstractSet[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The fields of a request that go upstream as they came: not hop-by-hop (nor named
+    hop-by-hop by its Connection field), not X-Shard-*, not one the gateway replaces."""
+    return [
+        (name, value)
+        for name, value in headers
+        if _classify_header(lname := name.lower(), topology) in _FORWARDED_ACTIONS and lname not in named
+    ]
 
 
 def _classify_header(lname: bytes, topology: Topology | None) -> int:
