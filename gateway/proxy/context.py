@@ -49,6 +49,8 @@ class ProxyContext:
         self.holder = holder
         self.metrics = metrics
         self.limits = limits
+        # A Content-Length with fewer digits than the body limit is below it (no int() needed).
+        self.body_limit_digits = len(str(limits.max_body_bytes))
         self.ids = RequestIds()
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()

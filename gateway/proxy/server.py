@@ -366,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
         content_length = -1
         connection_tokens: set[bytes] | None = None
         headers = self._headers
+        limit_digits = ctx.body_limit_digits
         rewritten = False  # some field is dropped or replaced (most requests: none)
         for name, value in headers:
             action = actions.get(name)
@@ -387,7 +388,9 @@ class ClientConnection(asyncio.Protocol):
                 host = value
                 continue
             if action == _CONTENT_LENGTH:
-                content_length = int(value) if value.isdigit() else -1
+                # Only compared with the body limit: a shorter number is below it anyway.
+                if len(value) >= limit_digits:
+                    content_length = int(value) if value.isdigit() else -1
                 continue
             if action in _FORWARDED_ACTIONS:
                 if action == _FORWARDED_PROTO:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from gateway.proxy.server import Exchange
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_READY = PodState.READY
 # Response headers the gateway sets itself; an upstream's copy would duplicate them.
 _GATEWAY_RESPONSE_HEADERS = frozenset({b"x-shard-group", b"x-request-id"})
 
@@ -142,7 +143,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._raw = None
                 head_end = self._head_end
                 # The usual case: head and (some of the) body in one read, sent on as one piece.
-                body = memoryview(raw)[head_end:] if len(raw) > head_end else b""
+                rest = len(raw) - head_end
+                # (a small body is copied: cheaper than a memoryview and its slice)
+                body = b"" if not rest else raw[head_end:] if rest < 16384 else memoryview(raw)[head_end:]
                 self._emit_head(exchange, raw[self._head_at : head_end], False, body)
         client = exchange.client
         out = client.out
@@ -478,7 +481,7 @@ def release(conn: UpstreamConnection, now: float) -> None:
     if (
         conn.closed
         or not conn.keep_alive
-        or pod.state is not PodState.READY
+        or pod.state is not _READY
         or conn.ctx.draining
         or len(pod.idle) >= limits.max_idle_per_pod
     ):
