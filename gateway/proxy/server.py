@@ -332,33 +332,8 @@ class ClientConnection(asyncio.Protocol):
         method = self.parser.get_method()
         exchange.is_head = method == b"HEAD"
         exchange.idempotent = method in _IDEMPOTENT
-        self._build_request(exchange, method)
-
-    def on_body(self, body: bytes) -> None:
-        exchange = self.parsing
-        assert exchange is not None
-        exchange.body_bytes += len(body)
-        if exchange.body_bytes > self.ctx.limits.max_body_bytes:
-            self._protocol_error(413, "body_too_large", "request body is larger than allowed")
-            raise _ParseAbort
-        if exchange.refusal is not None:
-            return  # refused already; the body is read and dropped to keep the connection usable
-        exchange.pending.append(b"%x\r\n%s\r\n" % (len(body), body) if exchange.chunked else body)
-        exchange.pending_bytes += len(body)
-
-    def on_message_complete(self) -> None:
-        exchange = self.parsing
-        assert exchange is not None
-        self.parsing = None
-        exchange.request_done = True
-        if exchange.chunked and exchange.refusal is None:
-            exchange.pending.append(LAST_CHUNK)
-        self.deadline = 0.0  # a response is owed now; the upstream's deadline applies
-
-    # -- request head -----------------------------------------------------------------------
-
-    def _build_request(self, exchange: Exchange, method: bytes) -> None:
-        ctx = self.ctx
+        # The head is complete: read its fields, decide the route, build the upstream head
+        # (here rather than in a method of its own: one Python call less per request).
         topology = ctx.holder.current
         actions = topology.header_actions if topology is not None else _NO_TOPOLOGY_ACTIONS
         raw_key = operation = request_id = forwarded_for = via = host = traceparent = tracestate = None
@@ -502,6 +477,27 @@ class ClientConnection(asyncio.Protocol):
                 tail,
             )
         )
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.body_bytes += len(body)
+        if exchange.body_bytes > self.ctx.limits.max_body_bytes:
+            self._protocol_error(413, "body_too_large", "request body is larger than allowed")
+            raise _ParseAbort
+        if exchange.refusal is not None:
+            return  # refused already; the body is read and dropped to keep the connection usable
+        exchange.pending.append(b"%x\r\n%s\r\n" % (len(body), body) if exchange.chunked else body)
+        exchange.pending_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        assert exchange is not None
+        self.parsing = None
+        exchange.request_done = True
+        if exchange.chunked and exchange.refusal is None:
+            exchange.pending.append(LAST_CHUNK)
+        self.deadline = 0.0  # a response is owed now; the upstream's deadline applies
 
     # -- driving exchanges ---------------------------------------------------------------------
 
@@ -810,7 +806,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
 
-# What _build_request does with a request header, by its (lower-case) name.
+# What on_headers_complete does with a request header, by its (lower-case) name.
 (
     _FORWARD,
     _DROP,

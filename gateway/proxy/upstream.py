@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import select
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
@@ -259,7 +260,9 @@ class UpstreamConnection(asyncio.Protocol):
         histogram = pod.header_latency
         if histogram is None:  # resolved once per pod, not per response
             histogram = pod.header_latency = self.ctx.metrics.response_headers(pod.group)
-        histogram.observe(self.ctx.loop.time() - self.sent_at)
+        waited = self.ctx.loop.time() - self.sent_at
+        histogram.buckets[bisect_left(histogram.bounds, waited)] += 1  # Histogram.observe, inlined
+        histogram.total += waited
         status = self._status
         if not head.startswith(b"HTTP/1.1 "):
             head = b"HTTP/1.1" + head[8:]  # we speak 1.1 to the client, whatever they did
