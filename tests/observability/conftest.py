@@ -1,7 +1,8 @@
 """Harness for the observability tests: real gateways, real upstreams, the gateway's own log file.
 
-The gateway and upstream helpers of ``tests/integration`` are reused as they are; their fixtures
-are re-declared thinly here (a conftest's fixtures are only visible under its own directory).
+The gateway and upstream helpers of ``tests/integration`` are reused as they are, fixtures
+included: they are imported here (a conftest's fixtures are only visible under its own
+directory, or where they are imported).
 Everything waits by polling with a deadline; nothing sleeps to synchronise.
 """
 
@@ -18,8 +19,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Gateway, GatewayFactory, UpstreamFactory
-from tests.support import close_and_report, wait_until
+from tests.integration.conftest import (  # noqa: F401 - fixtures, found by pytest by name
+    Gateway,
+    module_gateway,
+    module_upstreams,
+    start_gateway,
+    upstreams,
+)
+from tests.support import wait_until
 
 DEADLINE = 15.0  # generous: the machine is often loaded by other test runs
 PROMTOOL = shutil.which("promtool")
@@ -113,31 +120,3 @@ def _no_ambient_otel() -> Iterator[None]:
         for name in [n for n in os.environ if n.startswith("OTEL_")]:
             patch.delenv(name)
         yield
-
-
-@pytest.fixture
-def start_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
-    factory = GatewayFactory(tmp_path)
-    yield factory
-    close_and_report(factory)
-
-
-@pytest.fixture(scope="module")
-def module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
-    factory = GatewayFactory(tmp_path_factory.mktemp("gateways"))
-    yield factory
-    close_and_report(factory)
-
-
-@pytest.fixture
-def upstreams() -> Iterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    factory.close()
-
-
-@pytest.fixture(scope="module")
-def module_upstreams() -> Iterator[UpstreamFactory]:
-    factory = UpstreamFactory()
-    yield factory
-    factory.close()
