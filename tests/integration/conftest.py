@@ -481,6 +481,15 @@ def module_upstreams() -> Iterator[UpstreamFactory]:
     factory.close()
 
 
+class LiveGroups:
+    """Real upstream servers and the shard groups they form, with the contract's recipe."""
+
+    def __init__(self, servers: list[UpstreamServer], groups: list[GroupSpec]) -> None:
+        self.servers = servers
+        self.groups = groups
+        self.recipe = Recipe(groups)
+
+
 def all_requests(
     servers: Sequence[UpstreamServer], predicate: Callable[[Any], bool] = lambda r: True
 ) -> list[Any]:

@@ -19,8 +19,7 @@ from tests.integration.conftest import (
     KEY_HEADER,
     Gateway,
     GatewayFactory,
-    GroupSpec,
-    Recipe,
+    LiveGroups,
     UpstreamFactory,
     all_requests,
     assert_json_error,
@@ -28,7 +27,7 @@ from tests.integration.conftest import (
     group_of,
     http_request,
 )
-from tests.integration.upstream import IncompleteResponse, RawConn, RawResponse, UpstreamServer, build_request
+from tests.integration.upstream import IncompleteResponse, RawConn, RawResponse, build_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,21 +35,14 @@ MAX_HEADER = 8192
 MAX_BODY = 1024 * 1024
 
 
-class Setup:
-    def __init__(self, servers: list[UpstreamServer], groups: list[GroupSpec]) -> None:
-        self.servers = servers
-        self.groups = groups
-        self.recipe = Recipe(groups)
-
-
 @pytest.fixture(scope="module")
-def live(module_upstreams: UpstreamFactory) -> Setup:
+def live(module_upstreams: UpstreamFactory) -> LiveGroups:
     a, b = module_upstreams("err-1", 2), module_upstreams("err-2", 2)
-    return Setup(a + b, [group_of("err-1", a), group_of("err-2", b)])
+    return LiveGroups(a + b, [group_of("err-1", a), group_of("err-2", b)])
 
 
 @pytest.fixture(scope="module")
-def gw(module_gateway: GatewayFactory, live: Setup) -> Gateway:
+def gw(module_gateway: GatewayFactory, live: LiveGroups) -> Gateway:
     return module_gateway(
         live.groups,
         env={"SHARDGATE_MAX_HEADER_BYTES": str(MAX_HEADER), "SHARDGATE_MAX_BODY_BYTES": str(MAX_BODY)},
@@ -58,7 +50,7 @@ def gw(module_gateway: GatewayFactory, live: Setup) -> Gateway:
 
 
 @pytest.fixture(scope="module")
-def gw_timeouts(module_gateway: GatewayFactory, live: Setup) -> Gateway:
+def gw_timeouts(module_gateway: GatewayFactory, live: LiveGroups) -> Gateway:
     return module_gateway(
         live.groups,
         env={
@@ -70,7 +62,7 @@ def gw_timeouts(module_gateway: GatewayFactory, live: Setup) -> Gateway:
 
 
 @pytest.fixture(scope="module")
-def faulty(module_upstreams: UpstreamFactory) -> Setup:
+def faulty(module_upstreams: UpstreamFactory) -> LiveGroups:
     """``half``: one endpoint refuses connections, one works; ``whole``: two live pods;
     ``gone``: only refusing endpoints."""
     half_live = module_upstreams.one("half", "half-live")
@@ -80,16 +72,16 @@ def faulty(module_upstreams: UpstreamFactory) -> Setup:
         group_of("whole", whole),
         group_of("gone", [module_upstreams.dead_port()]),
     ]
-    return Setup([half_live, *whole], groups)
+    return LiveGroups([half_live, *whole], groups)
 
 
 @pytest.fixture(scope="module")
-def gw_faulty(module_gateway: GatewayFactory, faulty: Setup) -> Gateway:
+def gw_faulty(module_gateway: GatewayFactory, faulty: LiveGroups) -> Gateway:
     # reads: owner, so that a read's pod choice (and any retry) stays inside the owner group.
     return module_gateway(faulty.groups, reads="owner")
 
 
-def _serves(gw: Gateway, setup: Setup) -> None:
+def _serves(gw: Gateway, setup: LiveGroups) -> None:
     key = setup.recipe.keys_owned_by(setup.groups[0].name if setup.groups[0].name != "half" else "whole", 1)[
         0
     ]
@@ -105,7 +97,7 @@ def _send_raw(gw: Gateway, data: bytes, method: str = "GET") -> tuple[RawRespons
         return resp, closed
 
 
-def test_upstream_silent_mid_body_is_cut_off(gw_timeouts: Gateway, live: Setup) -> None:
+def test_upstream_silent_mid_body_is_cut_off(gw_timeouts: Gateway, live: LiveGroups) -> None:
     """Headers and part of the body, then silence: after the 0.5 s upstream timeout the
     client's connection is closed with the body short (never completed, never left hanging)."""
     started = time.monotonic()
@@ -138,7 +130,7 @@ def test_upstream_silent_mid_body_is_cut_off(gw_timeouts: Gateway, live: Setup) 
     ids=["word", "header-line", "nul", "tls", "after-request"],
 )
 def test_malformed_requests_get_400_and_the_gateway_keeps_serving(
-    gw: Gateway, live: Setup, garbage: bytes
+    gw: Gateway, live: LiveGroups, garbage: bytes
 ) -> None:
     keeper = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
     try:
@@ -168,7 +160,7 @@ def test_malformed_requests_get_400_and_the_gateway_keeps_serving(
     ids=["cl-te", "te-cl"],
 )
 def test_content_length_with_transfer_encoding_is_rejected(
-    gw: Gateway, live: Setup, framing: list[tuple[str, str]]
+    gw: Gateway, live: LiveGroups, framing: list[tuple[str, str]]
 ) -> None:
     smuggled = build_request("GET", "/smuggled")
     data = build_request("POST", "/cl-te", [(KEY_HEADER, "smuggle"), *framing]) + b"0\r\n\r\n" + smuggled
@@ -180,7 +172,7 @@ def test_content_length_with_transfer_encoding_is_rejected(
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "1e3", "5 6", "0x10"])
-def test_invalid_content_length_is_rejected(gw: Gateway, live: Setup, value: str) -> None:
+def test_invalid_content_length_is_rejected(gw: Gateway, live: LiveGroups, value: str) -> None:
     data = build_request("POST", "/bad-cl", [(KEY_HEADER, "cl"), ("Content-Length", value)]) + b"hello"
     resp, _ = _send_raw(gw, data, "POST")
     assert_json_error(resp.status, resp.headers, resp.body, 400, "bad_request")
@@ -188,7 +180,7 @@ def test_invalid_content_length_is_rejected(gw: Gateway, live: Setup, value: str
     _serves(gw, live)
 
 
-def test_conflicting_duplicate_content_length_is_rejected(gw: Gateway, live: Setup) -> None:
+def test_conflicting_duplicate_content_length_is_rejected(gw: Gateway, live: LiveGroups) -> None:
     data = (
         build_request(
             "POST", "/dup-cl", [(KEY_HEADER, "cl"), ("Content-Length", "5"), ("Content-Length", "6")]
@@ -204,7 +196,7 @@ def test_conflicting_duplicate_content_length_is_rejected(gw: Gateway, live: Set
 # Limits
 
 
-def test_headers_over_the_limit_get_431(gw: Gateway, live: Setup) -> None:
+def test_headers_over_the_limit_get_431(gw: Gateway, live: LiveGroups) -> None:
     # Under the limit: forwarded intact.
     value = "v" * (MAX_HEADER - 2048)
     result = http_request(gw.port, "GET", "/big-header-ok", {"X-Big": value})
@@ -223,7 +215,7 @@ def test_headers_over_the_limit_get_431(gw: Gateway, live: Setup) -> None:
     _serves(gw, live)
 
 
-def test_declared_body_over_the_limit_gets_413_without_sending_it(gw: Gateway, live: Setup) -> None:
+def test_declared_body_over_the_limit_gets_413_without_sending_it(gw: Gateway, live: LiveGroups) -> None:
     # Exactly at the limit is fine.
     body = b"b" * MAX_BODY
     result = http_request(gw.port, "POST", "/at-limit", {KEY_HEADER: "limit"}, body)
@@ -246,7 +238,7 @@ def test_declared_body_over_the_limit_gets_413_without_sending_it(gw: Gateway, l
     _serves(gw, live)
 
 
-def test_chunked_body_over_the_limit_gets_413(gw: Gateway, live: Setup) -> None:
+def test_chunked_body_over_the_limit_gets_413(gw: Gateway, live: LiveGroups) -> None:
     piece = b"c" * 65536
     with RawConn(gw.port, timeout=20) as conn:
         conn.send(
@@ -282,7 +274,7 @@ def test_chunked_body_over_the_limit_gets_413(gw: Gateway, live: Setup) -> None:
 # Upstream failures
 
 
-def test_refused_upstream_gets_502(gw_faulty: Gateway, faulty: Setup) -> None:
+def test_refused_upstream_gets_502(gw_faulty: Gateway, faulty: LiveGroups) -> None:
     for i, key in enumerate(faulty.recipe.keys_owned_by("gone", 5, prefix="refused")):
         result = http_request(
             gw_faulty.port,
@@ -310,7 +302,7 @@ def _read_truncated(gw: Gateway, request: bytes, method: str) -> None:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_upstream_closing_mid_response_closes_the_client_connection(
-    gw: Gateway, live: Setup, chunked: bool
+    gw: Gateway, live: LiveGroups, chunked: bool
 ) -> None:
     query = "size=100000&send=5000" + ("&chunked=1" if chunked else "")
     _read_truncated(gw, build_request("GET", f"/truncate?{query}"), "GET")
@@ -318,7 +310,7 @@ def test_upstream_closing_mid_response_closes_the_client_connection(
     _serves(gw, live)
 
 
-def test_upstream_reset_gets_502_and_writes_are_not_resent(gw: Gateway, live: Setup) -> None:
+def test_upstream_reset_gets_502_and_writes_are_not_resent(gw: Gateway, live: LiveGroups) -> None:
     for i in range(5):
         target = f"/reset?n={i}"
         result = http_request(gw.port, "POST", target, {KEY_HEADER: f"reset-{i}"}, b"{}")
@@ -332,14 +324,14 @@ def test_upstream_reset_gets_502_and_writes_are_not_resent(gw: Gateway, live: Se
     _serves(gw, live)
 
 
-def test_invalid_upstream_response_gets_502(gw: Gateway, live: Setup) -> None:
+def test_invalid_upstream_response_gets_502(gw: Gateway, live: LiveGroups) -> None:
     result = http_request(gw.port, "POST", "/garbage", {KEY_HEADER: "garbage"}, b"{}")
     assert_json_error(result.status, result.headers, result.body, 502, "upstream_error")
     assert len(all_requests(live.servers, lambda r: r.path == "/garbage")) == 1
     _serves(gw, live)
 
 
-def test_slow_upstream_headers_get_504(gw_timeouts: Gateway, live: Setup) -> None:
+def test_slow_upstream_headers_get_504(gw_timeouts: Gateway, live: LiveGroups) -> None:
     started = time.monotonic()
     result = http_request(gw_timeouts.port, "POST", "/slow-headers?delay=4", {KEY_HEADER: "slow"}, b"{}")
     elapsed = time.monotonic() - started
@@ -354,7 +346,7 @@ def test_slow_upstream_headers_get_504(gw_timeouts: Gateway, live: Setup) -> Non
 # Client timeouts
 
 
-def test_client_stalling_in_headers_is_closed(gw_timeouts: Gateway, live: Setup) -> None:
+def test_client_stalling_in_headers_is_closed(gw_timeouts: Gateway, live: LiveGroups) -> None:
     with RawConn(gw_timeouts.port) as conn:
         started = time.monotonic()
         conn.send(b"GET /stall HTTP/1.1\r\nHost: x\r\nX-Partial: yes\r\n")
@@ -407,7 +399,7 @@ def test_idle_keepalive_client_is_closed(gw_timeouts: Gateway) -> None:
 # Retries inside the owner group
 
 
-def test_refused_connection_is_retried_inside_the_owner_group(gw_faulty: Gateway, faulty: Setup) -> None:
+def test_refused_connection_is_retried_inside_the_owner_group(gw_faulty: Gateway, faulty: LiveGroups) -> None:
     keys = faulty.recipe.keys_owned_by("half", 60, prefix="retry")
     conn = http.client.HTTPConnection("127.0.0.1", gw_faulty.port, timeout=15)
     statuses: list[int] = []

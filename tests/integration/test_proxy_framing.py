@@ -16,8 +16,7 @@ from tests.integration.conftest import (
     KEY_HEADER,
     Gateway,
     GatewayFactory,
-    GroupSpec,
-    Recipe,
+    LiveGroups,
     UpstreamFactory,
     all_requests,
     group_of,
@@ -26,7 +25,6 @@ from tests.integration.conftest import (
 from tests.integration.upstream import (
     HEAD_BODY,
     RawConn,
-    UpstreamServer,
     build_request,
     chunked_body,
     pattern,
@@ -47,33 +45,26 @@ BIG = 10 * MB
 MAX_PEAK_GROWTH = 3 * MB
 
 
-class Pods:
-    def __init__(self, servers: list[UpstreamServer], groups: list[GroupSpec]) -> None:
-        self.servers = servers
-        self.groups = groups
-        self.recipe = Recipe(groups)
-
-
 @pytest.fixture(scope="module")
-def pods(module_upstreams: UpstreamFactory) -> Pods:
+def pods(module_upstreams: UpstreamFactory) -> LiveGroups:
     # Small, fixed receive buffers: a slow pod really pushes back (instead of the kernel
     # autotuning its buffer up to tcp_rmem's maximum and absorbing a whole upload).
     small = 64 * 1024
     a = module_upstreams("frame-1", 2, rcvbuf=small, stream_limit=small)
     b = module_upstreams("frame-2", 2, rcvbuf=small, stream_limit=small)
-    return Pods(a + b, [group_of("frame-1", a), group_of("frame-2", b)])
+    return LiveGroups(a + b, [group_of("frame-1", a), group_of("frame-2", b)])
 
 
 @pytest.fixture(scope="module")
-def gw(module_gateway: GatewayFactory, pods: Pods) -> Gateway:
+def gw(module_gateway: GatewayFactory, pods: LiveGroups) -> Gateway:
     return module_gateway(pods.groups)
 
 
-def _recorded(pods: Pods, path: str) -> list[Any]:
+def _recorded(pods: LiveGroups, path: str) -> list[Any]:
     return all_requests(pods.servers, lambda r: r.path == path)
 
 
-def test_content_length_request_body(gw: Gateway, pods: Pods) -> None:
+def test_content_length_request_body(gw: Gateway, pods: LiveGroups) -> None:
     body = os.urandom(200_000)
     result = http_request(gw.port, "POST", "/cl-body", {KEY_HEADER: "cl"}, body)
     assert result.status == 200
@@ -85,7 +76,7 @@ def test_content_length_request_body(gw: Gateway, pods: Pods) -> None:
     assert req.group == pods.recipe.owner("cl")
 
 
-def test_request_arriving_in_pieces_is_forwarded_intact(gw: Gateway, pods: Pods) -> None:
+def test_request_arriving_in_pieces_is_forwarded_intact(gw: Gateway, pods: LiveGroups) -> None:
     """Reads that end inside the method, the target, a header and the body: the request (and
     the next one on the connection) reach the owner group whole."""
     with RawConn(gw.port) as conn:
@@ -107,7 +98,7 @@ def test_request_arriving_in_pieces_is_forwarded_intact(gw: Gateway, pods: Pods)
     assert all(r.header("X-Trace-Me") == "yes" and r.body_length == 3000 for r in recorded)
 
 
-def test_chunked_request_body_arrives_intact(gw: Gateway, pods: Pods) -> None:
+def test_chunked_request_body_arrives_intact(gw: Gateway, pods: LiveGroups) -> None:
     pieces = [b"a", os.urandom(10), os.urandom(4096), os.urandom(70_000), b"xyz", os.urandom(1)]
     body = b"".join(pieces)
     with RawConn(gw.port) as conn:
@@ -130,7 +121,7 @@ def test_chunked_request_body_arrives_intact(gw: Gateway, pods: Pods) -> None:
     assert [r.body for r in recorded] == [body, b"hello"]
 
 
-def test_chunked_request_with_trailer_keeps_the_connection_in_sync(gw: Gateway, pods: Pods) -> None:
+def test_chunked_request_with_trailer_keeps_the_connection_in_sync(gw: Gateway, pods: LiveGroups) -> None:
     with RawConn(gw.port) as conn:
         conn.send(
             build_request("POST", "/trailer", [(KEY_HEADER, "trailer"), ("Transfer-Encoding", "chunked")])
@@ -194,7 +185,7 @@ def test_no_body_statuses(gw: Gateway, status: int) -> None:
         assert conn.read_response().json()["target"] == "/after-nobody"
 
 
-def test_expect_100_continue(gw: Gateway, pods: Pods) -> None:
+def test_expect_100_continue(gw: Gateway, pods: LiveGroups) -> None:
     body = os.urandom(50_000)
     with RawConn(gw.port) as conn:
         conn.send(
@@ -217,7 +208,7 @@ def test_expect_100_continue(gw: Gateway, pods: Pods) -> None:
     assert req.body == body
 
 
-def test_expect_100_continue_refused_without_the_body(gw: Gateway, pods: Pods) -> None:
+def test_expect_100_continue_refused_without_the_body(gw: Gateway, pods: LiveGroups) -> None:
     # A write without a key is refused from the headers alone: no 100, the final error at once.
     with RawConn(gw.port) as conn:
         conn.send(
@@ -254,7 +245,7 @@ def test_pipelined_requests_answered_in_order(gw: Gateway) -> None:
     assert responses[5].json()["target"] == "/p/6"
 
 
-def test_pipelined_refusal_keeps_the_order(gw: Gateway, pods: Pods) -> None:
+def test_pipelined_refusal_keeps_the_order(gw: Gateway, pods: LiveGroups) -> None:
     requests = [
         build_request("GET", "/pr/1", [("X-Request-ID", "pr-1")]),
         build_request("POST", "/pr/2", [("X-Request-ID", "pr-2")], b"no key, refused"),
@@ -288,7 +279,7 @@ def test_http10_client_gets_no_chunked_encoding(gw: Gateway) -> None:
         assert conn.wait_closed(5.0)[0]
 
 
-def test_upstream_answering_before_the_body_is_relayed(gw: Gateway, pods: Pods) -> None:
+def test_upstream_answering_before_the_body_is_relayed(gw: Gateway, pods: LiveGroups) -> None:
     size = 4 * MB
     with RawConn(gw.port, timeout=20) as conn:
         conn.send(build_request("POST", "/early", [(KEY_HEADER, "early"), ("Content-Length", str(size))]))
@@ -366,7 +357,7 @@ def test_upstream_connection_close_and_eof_framing(gw: Gateway) -> None:
         conn.close()
 
 
-def test_keepalive_reuses_upstream_connections(gw: Gateway, pods: Pods) -> None:
+def test_keepalive_reuses_upstream_connections(gw: Gateway, pods: LiveGroups) -> None:
     with RawConn(gw.port) as conn:
         for i in range(300):
             if i % 2:
@@ -392,7 +383,7 @@ def _measure_peak_growth(gw: Gateway) -> tuple[int, bool]:
     return baseline, reset
 
 
-def test_big_upload_to_a_slow_upstream_streams_with_bounded_memory(gw: Gateway, pods: Pods) -> None:
+def test_big_upload_to_a_slow_upstream_streams_with_bounded_memory(gw: Gateway, pods: LiveGroups) -> None:
     key = "uploader"
     owner = pods.recipe.owner(key)
 
