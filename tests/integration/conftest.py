@@ -27,7 +27,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.upstream import DeadPort, UpstreamServer, start_upstreams, wait_until
+from tests.integration.upstream import DeadPort, HeaderLookup, UpstreamServer, start_upstreams, wait_until
 from tests.support import close_and_report, contract_ring, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,21 +101,10 @@ class Recipe:
 
 
 @dataclass
-class HttpResult:
+class HttpResult(HeaderLookup):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
-
-    def header_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 def http_request(

@@ -78,8 +78,28 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 # Recorded requests
 
 
+class HeaderLookup:
+    """``header``/``header_all`` over ``headers`` ((name, value) pairs, in wire order), and
+    ``json`` of ``body``: shared by recorded requests and the responses the tests read."""
+
+    headers: list[tuple[str, str]]
+    body: bytes | None
+
+    def header_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+    def header(self, name: str) -> str | None:
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        assert self.body is not None
+        return json.loads(self.body)
+
+
 @dataclass(frozen=True)
-class RecordedRequest:
+class RecordedRequest(HeaderLookup):
     pod: str
     group: str
     conn_id: str
@@ -96,14 +116,6 @@ class RecordedRequest:
     chunked: bool
     expect_continue: bool
     received_at: float
-
-    def header_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
 
     def header_names(self) -> set[str]:
         return {k.lower() for k, _ in self.headers}
@@ -602,7 +614,7 @@ class IncompleteResponse(Exception):
 
 
 @dataclass
-class RawResponse:
+class RawResponse(HeaderLookup):
     status: int
     reason: str
     headers: list[tuple[str, str]]
@@ -610,17 +622,6 @@ class RawResponse:
     chunked: bool = False
     informational: list[int] = field(default_factory=list)
     trailers: list[tuple[str, str]] = field(default_factory=list)
-
-    def header_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
     @property
     def closes(self) -> bool:
