@@ -294,8 +294,11 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self._protocol_error(400, "bad_request", f"malformed HTTP request: {_reason(exc)}")
         else:
-            if self._reading_head and self._header_bytes > self.ctx.limits.max_header_bytes:
-                self._protocol_error(431, "headers_too_large", "request headers are too large")
+            if self._reading_head:  # a head is incomplete: is what came of it over the limit?
+                if self._header_bytes < 0:  # it began in this read: count its fields so far
+                    self._header_bytes = _head_size(self._url, self._headers)
+                if self._header_bytes > self.ctx.limits.max_header_bytes:
+                    self._protocol_error(431, "headers_too_large", "request headers are too large")
         self._advance()
 
     # -- httptools callbacks -----------------------------------------------------------------
@@ -311,15 +314,13 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = Exchange(self, now)
         self._headers = []
         self._url = url
-        self._header_bytes = 0
+        self._header_bytes = -1  # not counted: a head that arrives whole is measured once
         self._reading_head = True
         self.deadline = now + ctx.limits.client_header_timeout
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.ctx.limits.max_header_bytes:
-            self._protocol_error(431, "headers_too_large", "request headers are too large")
-            raise _ParseAbort
+        # Nothing but the append: the head's size is checked once it is complete (or at the
+        # end of a read that left it incomplete), not per field.
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -400,6 +401,12 @@ class ClientConnection(asyncio.Protocol):
         if rewritten:
             headers = _forwarded_fields(headers, topology, connection_tokens or _NO_NAMES)
         forwarded = b"\r\n".join(map(_FIELD_JOIN, headers))  # "Name: value" lines, built in C
+        # The limit counts each field as "Name: value\r\n" (the target and the request line
+        # too, when a head arrives in pieces: see data_received).
+        size = _head_size(b"", self._headers) if rewritten else len(forwarded) + 2
+        if size > ctx.limits.max_header_bytes:
+            self._protocol_error(431, "headers_too_large", "request headers are too large")
+            raise _ParseAbort
         parser = self.parser
         exchange.keep_alive = keep_alive = parser.should_keep_alive()
         # Keep-alive without a Connection field means HTTP/1.1 or later (1.0 needs
@@ -859,6 +866,11 @@ def _forwarded_fields(
         for name, value in headers
         if _classify_header(lname := name.lower(), topology) in _FORWARDED_ACTIONS and lname not in named
     ]
+
+
+def _head_size(target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """Bytes of a request head so far, as the header limit counts them."""
+    return len(target) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _classify_header(lname: bytes, topology: Topology | None) -> int:

@@ -274,34 +274,39 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             at = hop.start()
             stop = at + len(_KEEP_ALIVE_FIELD)
-            if (
-                lower.startswith(_KEEP_ALIVE_FIELD, at)
-                and (stop == end or lower.startswith(b"\r\n", stop))
-                and _REWRITE.search(lower, stop) is None
+            if lower.startswith(_KEEP_ALIVE_FIELD, at) and (
+                stop == end  # the last field (nginx): nothing after it to search
+                or (lower.startswith(b"\r\n", stop) and _REWRITE.search(lower, stop) is None)
             ):
                 # Just "Connection: keep-alive" (nginx, most servers): cut that one field
                 # (``lower`` keeps it: it is only searched for framing fields below).
-                kept = head[:at] + head[stop:end]
+                kept = head[:at] if stop == end else head[:at] + head[stop:end]
             else:
                 line_end = head.find(b"\r\n")
                 kept = head[:line_end] + _without_hop_by_hop(head[line_end:end], lower[line_end:end])
                 lower = kept.lower()
-        # (bytes.find: ``in`` on bytes goes through the buffer protocol and costs more.)
-        has_length = lower.find(b"\r\ncontent-length:") >= 0
-        # llhttp refuses a response with both, so only one without a length can be chunked
-        # (HEAD responses are not parsed by llhttp, but have no body to frame either).
-        chunked = not has_length and lower.find(b"\r\ntransfer-encoding:") >= 0 and _is_chunked(lower)
-        if chunked and exchange.http10 and not head_only:
-            # An HTTP/1.0 client cannot read chunked framing: decode it, end with the close.
-            line_end = kept.find(b"\r\n")
-            fields = _without_fields(kept[line_end:], lower[line_end:], {b"transfer-encoding"})
-            kept = kept[:line_end] + fields
-            self._dechunker = _Dechunker.parser(exchange.client.out)
-        bodiless = head_only or status in _NO_BODY_STATUSES or 100 <= status < 200
-        self.until_close = not bodiless and not has_length and not chunked
-        if self.until_close or (chunked and exchange.http10):
-            exchange.keep_alive = False  # the client's body ends when the connection does
-        if not exchange.keep_alive or exchange.client.ctx.draining or exchange.client.ctx.closing:
+        if (self.response_done or head_only) and not exchange.http10:
+            # llhttp found the end of this response already (or there is no body): it was
+            # framed, and the framing goes on as it came. Nothing to look up.
+            chunked = False
+        else:
+            # (bytes.find: ``in`` on bytes goes through the buffer protocol and costs more.)
+            has_length = lower.find(b"\r\ncontent-length:") >= 0
+            # llhttp refuses a response with both, so only one without a length can be chunked
+            # (HEAD responses are not parsed by llhttp, but have no body to frame either).
+            chunked = not has_length and lower.find(b"\r\ntransfer-encoding:") >= 0 and _is_chunked(lower)
+            if chunked and exchange.http10 and not head_only:
+                # An HTTP/1.0 client cannot read chunked framing: decode it, end with the close.
+                line_end = kept.find(b"\r\n")
+                fields = _without_fields(kept[line_end:], lower[line_end:], {b"transfer-encoding"})
+                kept = kept[:line_end] + fields
+                self._dechunker = _Dechunker.parser(exchange.client.out)
+            bodiless = head_only or status in _NO_BODY_STATUSES or 100 <= status < 200
+            self.until_close = not bodiless and not has_length and not chunked
+            if self.until_close or (chunked and exchange.http10):
+                exchange.keep_alive = False  # the client's body ends when the connection does
+        ctx = self.ctx
+        if not exchange.keep_alive or ctx.draining or ctx.closing:
             exchange.keep_alive = False
             connection = b"\r\nConnection: close"
         elif exchange.http10:
