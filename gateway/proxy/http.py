@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from itertools import count
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward. Transfer-Encoding is
@@ -47,16 +48,20 @@ REASONS = {
 
 
 class RequestIds:
-    """Request ids from a per-process random prefix and a counter: ~0.15 us instead of uuid4's 2 us."""
+    """Request ids from a per-process random prefix and a counter: ~0.15 us instead of uuid4's 2 us.
 
-    __slots__ = ("_counter", "_prefix")
+    Iterate it (``next(ids)``): each id is made in C (a ``map`` over a counter), with no
+    Python frame per request.
+    """
+
+    __slots__ = ("_ids",)
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex().encode()
-        self._counter = count(1)
+        prefix = os.urandom(6).hex().encode()
+        self._ids = map((prefix + b"-%x").__mod__, count(1))
 
-    def next(self) -> bytes:
-        return b"%s-%x" % (self._prefix, next(self._counter))
+    def __iter__(self) -> Iterator[bytes]:
+        return self._ids
 
     @staticmethod
     def valid(value: bytes) -> bool:

@@ -36,7 +36,7 @@ from gateway.proxy.http import (
     RequestIds,
     error_response,
 )
-from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection, release
+from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection
 from gateway.router import REPEATED_KEY, Decision, Refusal, choose_pod, decide, is_write
 from gateway.topology import Pod, PodState, Topology
 
@@ -120,17 +120,7 @@ class Exchange:
         self.traceparent: bytes | None = None  # as sent upstream (the client's, or our span's)
         self.span: Any = None  # an OpenTelemetry span when this request is sampled
 
-    # -- called by the upstream connection -------------------------------------------------
-
-    def response_complete(self, conn: UpstreamConnection) -> None:
-        self.response_done = True
-        self.upstream = None
-        if not self.request_done:
-            conn.keep_alive = False  # it never got the whole request; reuse would desync it
-            self.keep_alive = False
-        now = self.client.ctx.loop.time()
-        release(conn, now)
-        self.client.exchange_done(self, now)
+    # -- called by the upstream connection (which completes an answered exchange itself) ----
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         """The upstream connection closed under this exchange."""
@@ -415,7 +405,7 @@ class ClientConnection(asyncio.Protocol):
         exchange.http10 = (not keep_alive or saw_connection) and parser.get_http_version() == "1.0"
 
         if request_id is None or not RequestIds.valid(request_id):
-            request_id = ctx.ids.next()
+            request_id = next(ctx.next_id)
         exchange.rid = request_id
         exchange.method = method
         exchange.target = self._url
@@ -572,7 +562,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.ctx.loop.time()
         conn = acquire_idle(pod, now)
         if conn is not None:
-            self._send(exchange, conn, now)
+            conn.start(exchange, now)
         else:
             self.ctx.loop.create_task(self._connect_and_send(exchange, pod))
 
@@ -600,26 +590,10 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         if self.closed or exchange.pod is not pod or exchange.response_done:
-            release(conn, ctx.loop.time())
+            conn.close()  # opened for a request that is gone (rare): not worth pooling
             return
-        self._send(exchange, conn)
+        conn.start(exchange, ctx.loop.time())
         self._update_blocks()
-
-    def _send(self, exchange: Exchange, conn: UpstreamConnection, now: float | None = None) -> None:
-        exchange.upstream = conn
-        exchange.sent = True
-        pending = exchange.pending
-        group_line = conn.pod.group_line  # "X-Shard-Group: <group>" and the blank line
-        if not pending:
-            data = exchange.head + group_line
-        else:
-            if len(pending) == 1:  # the usual body: it came with the head
-                data = b"".join((exchange.head, group_line, pending[0]))
-            else:
-                data = b"".join((exchange.head, group_line, *pending))
-            pending.clear()
-            exchange.pending_bytes = 0
-        conn.start(exchange, data, exchange.is_head, self.ctx.loop.time() if now is None else now)
 
     def fail(
         self,
@@ -794,7 +768,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange not in self.exchanges:
             self.exchanges.append(exchange)
         if not exchange.rid:
-            exchange.rid = self.ctx.ids.next()
+            exchange.rid = next(self.ctx.next_id)
         exchange.keep_alive = False
         exchange.pending.clear()
         exchange.refusal = Refusal(status, code, detail)

@@ -156,7 +156,33 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(data)  # type: ignore[union-attr]
             out.clear()
         if self.response_done:
-            exchange.response_complete(self)
+            # Answered (Exchange's own bookkeeping, inlined: one Python call less per request).
+            exchange.response_done = True
+            exchange.upstream = None
+            if not exchange.request_done:
+                self.keep_alive = False  # it never got the whole request; reuse would desync it
+                exchange.keep_alive = False
+            ctx = self.ctx
+            now = ctx.loop.time()
+            # Back to the pod's pool, or closed (the one place a connection is pooled):
+            self.exchange = None
+            pod = self.pod
+            limits = ctx.limits
+            if (
+                self.closed
+                or not self.keep_alive
+                or pod.state is not _READY
+                or ctx.draining
+                or len(pod.idle) >= limits.max_idle_per_pod
+            ):
+                self.close()
+            else:
+                if self.read_paused:
+                    self.set_reading(True)
+                self.deadline = now + limits.upstream_idle_timeout
+                self.idle_since = now
+                pod.idle.append(self)
+            client.exchange_done(exchange, now)
         elif exchange.status and not self.read_paused:
             # Mid-body: an upstream silent for the response timeout is cut off (the client
             # sees a truncated response, never a fake end). Paused reads are our doing, not its.
@@ -164,8 +190,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- exchange handling -----------------------------------------------------------------
 
-    def start(self, exchange: Exchange, data: bytes, head_only: bool, now: float) -> None:
-        """Send one request (head plus whatever body is already here) on this connection."""
+    def start(self, exchange: Exchange, now: float) -> None:
+        """Send one request (its head plus whatever body is already here) on this connection."""
+        exchange.upstream = self
+        exchange.sent = True
+        pending = exchange.pending
+        group_line = self.pod.group_line  # "X-Shard-Group: <group>" and the blank line
+        if not pending:
+            data = exchange.head + group_line
+        else:
+            if len(pending) == 1:  # the usual body: it came with the head
+                data = b"".join((exchange.head, group_line, pending[0]))
+            else:
+                data = b"".join((exchange.head, group_line, *pending))
+            pending.clear()
+            exchange.pending_bytes = 0
+        head_only = exchange.is_head
         self.exchange = exchange
         self.sent_at = now
         self.response_done = False
@@ -479,27 +519,6 @@ def _has_pending_input(fd: int) -> bool:
         return bool(_POLLER.poll(0))
     finally:
         _POLLER.unregister(fd)
-
-
-def release(conn: UpstreamConnection, now: float) -> None:
-    """Return a connection whose exchange finished cleanly to its pod's pool, or close it."""
-    conn.exchange = None
-    pod = conn.pod
-    limits = conn.ctx.limits
-    if (
-        conn.closed
-        or not conn.keep_alive
-        or pod.state is not _READY
-        or conn.ctx.draining
-        or len(pod.idle) >= limits.max_idle_per_pod
-    ):
-        conn.close()
-        return
-    if conn.read_paused:
-        conn.set_reading(True)  # an idle connection must read, to notice the upstream closing it
-    conn.deadline = now + limits.upstream_idle_timeout
-    conn.idle_since = now
-    pod.idle.append(conn)
 
 
 def close_idle(pod: Pod) -> None:
