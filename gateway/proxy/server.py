@@ -184,6 +184,7 @@ class Exchange:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_fresh_read",
         "_header_bytes",
         "_headers",
         "_reading_head",
@@ -221,6 +222,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._header_bytes = 0
         self._reading_head = False
+        self._fresh_read: bytes | None = None  # this read, when a request head begins at its start
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -268,9 +270,13 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.metrics.bytes_received += len(data)
         if self._reading_head:
             self._header_bytes += len(data)
+            self._fresh_read = None
         elif self.parsing is not None:
             # Body in progress: a client that stalls mid-body is cut off after the idle timeout.
             self.deadline = self.ctx.loop.time() + self.ctx.limits.client_idle_timeout
+            self._fresh_read = None
+        else:
+            self._fresh_read = data  # between requests: the next one begins with these bytes
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -388,12 +394,25 @@ class ClientConnection(asyncio.Protocol):
                 if value.strip().lower() == b"100-continue":
                     exchange.expect_continue = True  # the gateway answers Expect itself
             # else _DROP: hop-by-hop, or X-Shard-* (only the gateway speaks those upstream)
+        # The "Name: value\r\n" lines that go upstream as they came, and the size the header
+        # limit counts (the target and request line too, for a head that came in pieces: see
+        # data_received).
+        fresh = self._fresh_read
+        self._fresh_read = None  # a second head in the same read (pipelining) starts elsewhere
         if rewritten:
-            headers = _forwarded_fields(headers, topology, connection_tokens or _NO_NAMES)
-        forwarded = b"\r\n".join(map(_FIELD_JOIN, headers))  # "Name: value" lines, built in C
-        # The limit counts each field as "Name: value\r\n" (the target and the request line
-        # too, when a head arrives in pieces: see data_received).
-        size = _head_size(b"", self._headers) if rewritten else len(forwarded) + 2
+            size = _head_size(b"", headers)
+            forwarded = _field_lines(_forwarded_fields(headers, topology, connection_tokens or _NO_NAMES))
+        elif fresh is not None and (line_end := fresh.find(b"\r\n")) > 0:
+            # The head came whole at the start of this read: its field lines are sliced out
+            # rather than rebuilt. They are what llhttp accepted (CRLF line ends, no folding,
+            # no bare CR: it refuses anything else), so the request line ends at the first
+            # CRLF and the fields at the first blank line. (A read that begins with the CRLF
+            # llhttp skips before a request line is rebuilt instead.)
+            forwarded = fresh[line_end + 2 : fresh.find(b"\r\n\r\n", line_end) + 2]
+            size = len(forwarded)
+        else:
+            forwarded = _field_lines(headers)
+            size = len(forwarded)
         if size > ctx.limits.max_header_bytes:
             self._protocol_error(431, "headers_too_large", "request headers are too large")
             raise _ParseAbort
@@ -460,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
                 self._url,
                 b" HTTP/1.0\r\n" if exchange.http10 else b" HTTP/1.1\r\n",
                 forwarded,
-                b"\r\nX-Request-ID: " if forwarded else b"X-Request-ID: ",
+                b"X-Request-ID: ",
                 request_id,
                 b"\r\nX-Forwarded-For: ",
                 forwarded_for + b", " + peer if forwarded_for else peer,
@@ -826,7 +845,6 @@ _FORWARDED_ACTIONS = frozenset(
     {_FORWARD, _KEY, _HOST, _CONTENT_LENGTH, _FORWARDED_PROTO, _FORWARDED_HOST, _OPERATION, _TRACESTATE,
      _TRANSFER_ENCODING}
 )  # fmt: skip
-_FIELD_JOIN = b": ".join
 _NO_NAMES: frozenset[bytes] = frozenset()
 
 
@@ -840,6 +858,11 @@ def _forwarded_fields(
         for name, value in headers
         if _classify_header(lname := name.lower(), topology) in _FORWARDED_ACTIONS and lname not in named
     ]
+
+
+def _field_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Fields as "Name: value\\r\\n" lines."""
+    return b"".join([b"%s: %s\r\n" % field for field in headers])
 
 
 def _head_size(target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
