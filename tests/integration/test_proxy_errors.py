@@ -215,6 +215,23 @@ def test_headers_over_the_limit_get_431(gw: Gateway, live: LiveGroups) -> None:
     _serves(gw, live)
 
 
+def test_an_unfinished_head_over_the_limit_gets_431_at_once(gw: Gateway, live: LiveGroups) -> None:
+    # No blank line ever comes: the gateway must not wait for the end of a head that is
+    # already too large (nor buffer more of it), whichever reads it arrives in.
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 100) for i in range(MAX_HEADER // 100 + 10))
+    for pieces in ([fields], [fields[:1000], fields[1000:]]):
+        with RawConn(gw.port) as conn:
+            conn.send(b"GET /unfinished-head HTTP/1.1\r\nHost: gateway.test\r\n")
+            for piece in pieces:
+                conn.send(piece)
+            resp = conn.read_response()
+            assert_json_error(resp.status, resp.headers, resp.body, 431, "headers_too_large")
+            closed, _ = conn.wait_closed(5.0)
+            assert closed
+    assert not all_requests(live.servers, lambda r: r.path == "/unfinished-head")
+    _serves(gw, live)
+
+
 def test_declared_body_over_the_limit_gets_413_without_sending_it(gw: Gateway, live: LiveGroups) -> None:
     # Exactly at the limit is fine.
     body = b"b" * MAX_BODY

@@ -245,6 +245,41 @@ def test_pipelined_requests_answered_in_order(gw: Gateway) -> None:
     assert responses[5].json()["target"] == "/p/6"
 
 
+def test_request_fields_go_upstream_as_they_came(gw: Gateway, pods: LiveGroups) -> None:
+    # The gateway forwards a head that arrived whole by slicing its field lines out of the
+    # read, and rebuilds the others (a second pipelined head, a head after the CRLF llhttp
+    # skips): every way must forward the same fields, in order, with the gateway's own after.
+    fields = [
+        (b"x-MiXeD-Case", b"Value With  Spaces"),
+        (b"X-Tight", b"no-space-after-colon"),
+        (b"X-Tabs", b"tabbed"),
+        (KEY_HEADER.encode(), b"fields"),
+        (b"Content-Length", b"2"),
+    ]
+    raw_fields = b"x-MiXeD-Case: Value With  Spaces\r\nX-Tight:no-space-after-colon\r\nX-Tabs:\ttabbed\t\r\n"
+    raw_fields += KEY_HEADER.encode() + b": fields\r\nContent-Length: 2\r\n"
+
+    def request(n: int) -> bytes:
+        return b"POST /fields/%d HTTP/1.1\r\nHost: fields.example\r\n%s\r\n{}" % (n, raw_fields)
+
+    with RawConn(gw.port) as conn:
+        conn.send(request(1))  # whole, at the start of a read
+        assert conn.read_response("POST").status == 200
+        conn.send(request(2) + request(3))  # the second head starts mid-read
+        assert [conn.read_response("POST").status for _ in range(2)] == [200, 200]
+        conn.send(b"\r\n" + request(4))  # llhttp skips the CRLF before a request line
+        assert conn.read_response("POST").status == 200
+
+    expected = [("Host", "fields.example")] + [(n.decode(), v.decode()) for n, v in fields]
+    for n in range(1, 5):
+        (req,) = _recorded(pods, f"/fields/{n}")
+        assert req.headers[: len(expected)] == expected, (n, req.headers)
+        gateway_fields = [name for name, _ in req.headers[len(expected) :]]
+        assert gateway_fields[0] == "X-Request-ID", (n, req.headers)
+        assert {"X-Forwarded-For", "Via", "X-Shard-Epoch", "X-Shard-Group"} <= set(gateway_fields)
+        assert req.body == b"{}"
+
+
 def test_pipelined_refusal_keeps_the_order(gw: Gateway, pods: LiveGroups) -> None:
     requests = [
         build_request("GET", "/pr/1", [("X-Request-ID", "pr-1")]),
