@@ -61,7 +61,6 @@ class Exchange:
         "decision",
         "error",
         "expect_continue",
-        "group_bytes",
         "head",
         "http10",
         "idempotent",
@@ -95,7 +94,6 @@ class Exchange:
         self.error: str | None = None  # the error code the gateway answered with, if any
         self.head = b""
         self.rid = b""
-        self.group_bytes = b""
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.body_bytes = 0
@@ -577,7 +575,6 @@ class ClientConnection(asyncio.Protocol):
         pod.inflight += 1
         pod.requests += 1
         exchange.pod = exchange.served_by = pod
-        exchange.group_bytes = pod.group_bytes
         now = self.ctx.loop.time()
         conn = acquire_idle(pod, now)
         if conn is not None:
@@ -686,9 +683,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _record(self, exchange: Exchange, status: int, now: float | None = None) -> None:
         decision = exchange.decision
-        group = decision.group if decision is not None and decision.group else None
-        if group is None:
-            group = exchange.group_bytes.decode() if exchange.group_bytes else "none"
+        group = decision.group if decision is not None else None
+        if not group:  # a read: its group is its pod's
+            pod = exchange.served_by
+            group = pod.group if pod is not None else "none"
         ctx = self.ctx
         seconds = (ctx.loop.time() if now is None else now) - exchange.start_time
         metrics = ctx.metrics

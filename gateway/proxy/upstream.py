@@ -362,7 +362,7 @@ class UpstreamConnection(asyncio.Protocol):
                 (
                     kept,
                     _GROUP_FIELD,
-                    exchange.group_bytes,
+                    self.pod.group_bytes,
                     _ID_FIELD,
                     exchange.rid,
                     connection,
