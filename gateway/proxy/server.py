@@ -293,6 +293,9 @@ class ClientConnection(asyncio.Protocol):
                     self._header_bytes = _head_size(self._url, self._headers)
                 if self._header_bytes > self.ctx.limits.max_header_bytes:
                     self._protocol_error(431, "headers_too_large", "request headers are too large")
+            elif self.parsing is not None:
+                # A body is still to come (its head was complete): the idle timeout applies.
+                self.deadline = self.ctx.loop.time() + self.ctx.limits.client_idle_timeout
         self._advance()
 
     # -- httptools callbacks -----------------------------------------------------------------
@@ -323,7 +326,6 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None
         self.exchanges.append(exchange)
         ctx = self.ctx
-        self.deadline = ctx.loop.time() + ctx.limits.client_idle_timeout
         method = self.parser.get_method()
         exchange.is_head = method == b"HEAD"
         exchange.idempotent = method in _IDEMPOTENT

@@ -122,6 +122,8 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for (or an early close notice): this connection is done.
             self.abort()
             return
+        ctx = self.ctx
+        now = 0.0  # the loop's time, asked once per read (it does not move within a callback)
         if self._head_buffer is not None:
             self._head_data(exchange, data)
         else:
@@ -147,12 +149,13 @@ class UpstreamConnection(asyncio.Protocol):
                 rest = len(raw) - head_end
                 # (a small body is copied: cheaper than a memoryview and its slice)
                 body = b"" if not rest else raw[head_end:] if rest < 16384 else memoryview(raw)[head_end:]
-                self._emit_head(exchange, raw[self._head_at : head_end], False, body)
+                now = ctx.loop.time()
+                self._emit_head(exchange, raw[self._head_at : head_end], False, now, body)
         client = exchange.client
         out = client.out
         if out and not client.closed:  # client.flush_output(), inlined
             data = out[0] if len(out) == 1 else b"".join(out)
-            self.ctx.metrics.bytes_sent += len(data)
+            ctx.metrics.bytes_sent += len(data)
             client.transport.write(data)  # type: ignore[union-attr]
             out.clear()
         if self.response_done:
@@ -162,8 +165,8 @@ class UpstreamConnection(asyncio.Protocol):
             if not exchange.request_done:
                 self.keep_alive = False  # it never got the whole request; reuse would desync it
                 exchange.keep_alive = False
-            ctx = self.ctx
-            now = ctx.loop.time()
+            if not now:
+                now = ctx.loop.time()
             # Back to the pod's pool, or closed (the one place a connection is pooled):
             self.exchange = None
             pod = self.pod
@@ -186,7 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif exchange.status and not self.read_paused:
             # Mid-body: an upstream silent for the response timeout is cut off (the client
             # sees a truncated response, never a fake end). Paused reads are our doing, not its.
-            self.deadline = self.ctx.loop.time() + self.ctx.limits.upstream_header_timeout
+            self.deadline = ctx.loop.time() + ctx.limits.upstream_header_timeout
 
     # -- exchange handling -----------------------------------------------------------------
 
@@ -290,7 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- response head -----------------------------------------------------------------------
 
     def _emit_head(
-        self, exchange: Exchange, head: bytes, head_only: bool, body: bytes | memoryview = b""
+        self, exchange: Exchange, head: bytes, head_only: bool, now: float, body: bytes | memoryview = b""
     ) -> None:
         """Queue the response head (and the ``body`` bytes that came with it) for the client,
         rewritten in place: hop-by-hop fields out, X-Shard-Group and X-Request-ID in,
@@ -300,7 +303,7 @@ class UpstreamConnection(asyncio.Protocol):
         histogram = pod.header_latency
         if histogram is None:  # resolved once per pod, not per response
             histogram = pod.header_latency = self.ctx.metrics.response_headers(pod.group)
-        waited = self.ctx.loop.time() - self.sent_at
+        waited = now - self.sent_at
         histogram.buckets[bisect_left(histogram.bounds, waited)] += 1  # Histogram.observe, inlined
         histogram.total += waited
         status = self._status
@@ -403,7 +406,7 @@ class UpstreamConnection(asyncio.Protocol):
             )
             self._head_buffer = None
             self._status = int(code)
-            self._emit_head(exchange, head, True)
+            self._emit_head(exchange, head, True, self.ctx.loop.time())
             self.response_done = True
             return
 

@@ -376,6 +376,29 @@ def test_client_stalling_in_headers_is_closed(gw_timeouts: Gateway, live: LiveGr
     _serves(gw_timeouts, live)
 
 
+def test_stalled_mid_body_gets_the_idle_timeout(module_gateway: GatewayFactory, live: LiveGroups) -> None:
+    """Head and part of the body in one read, then silence: once the head is complete the
+    client idle timeout (1 s here) applies, not the header timeout (0.5 s). (The upstream's
+    timeout is long here: with gw_timeouts' 0.5 s the pod's wait for the body ends it first.)"""
+    gw = module_gateway(
+        live.groups,
+        env={
+            "SHARDGATE_UPSTREAM_TIMEOUT": "10",
+            "SHARDGATE_CLIENT_HEADER_TIMEOUT": "0.5",
+            "SHARDGATE_CLIENT_IDLE_TIMEOUT": "1.0",
+        },
+    )
+    with RawConn(gw.port) as conn:
+        started = time.monotonic()
+        head = build_request("POST", "/stall-body", [(KEY_HEADER, "stall"), ("Content-Length", "100")])
+        conn.send(head + b"only part of the body")
+        closed, _ = conn.wait_closed(8.0)
+        elapsed = time.monotonic() - started
+    assert closed, "a client stalled mid-body was not cut off"
+    assert elapsed >= 0.9, f"cut off after {elapsed:.2f}s, before the 1 s idle timeout"
+    _serves(gw, live)
+
+
 def test_client_dripping_headers_is_closed(gw_timeouts: Gateway) -> None:
     """The header timeout bounds the whole header block, not the gap between bytes."""
     with RawConn(gw_timeouts.port) as conn:
