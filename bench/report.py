@@ -344,9 +344,10 @@ def format_table(summary: dict[str, Any]) -> str:
 
     host = summary["host"]
     load = host.get("loadavg_at_start")
+    transfer_runs = params.get("transfer_runs", params["runs"])
     title = (
         f"shardgate bench {host.get('timestamp', '')}: medians of {params['runs']} run(s) per system"
-        f" ({params.get('latency_runs')} for latency),"
+        f" ({params.get('latency_runs')} for latency, {transfer_runs} for transfers),"
         f" systems alternated, {params['warmup_s']}s warm-up before each run; {host.get('cpus')} cpus"
         + (f", load {load[0]:.2f} at start" if load else "")
     )

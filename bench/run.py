@@ -1,6 +1,6 @@
 """Benchmark shardgate against nginx and HAProxy in front of the same backends, in one sitting.
 
-    python -m bench.run [--runs 3] [--duration 10] [--warmup 2] [--systems shardgate,nginx,haproxy]
+    python -m bench.run [--runs 5] [--duration 10] [--warmup 2] [--systems shardgate,nginx,haproxy]
                         [--skip throughput,latency,transfer,rss,micro]
 
 One run measures, in this order: the in-process micro-benchmarks (routing decision, topology
@@ -94,7 +94,12 @@ def _phases(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=_positive_int, default=3, help="measured runs per system (default 3)")
+    parser.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=5,
+        help="measured throughput runs per system (default 5: the figure the targets judge is their median)",
+    )
     parser.add_argument(
         "--duration", type=_positive_int, default=10, help="seconds per throughput run (default 10)"
     )
@@ -123,7 +128,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--latency-runs",
         type=_positive_int,
         default=None,
-        help="concurrency-1 runs per system (default 2 x --runs + 1: short runs, many alternations)",
+        help="concurrency-1 runs per system (default 2 x min(--runs, 3) + 1: short runs, many alternations)",
+    )
+    parser.add_argument(
+        "--transfer-runs",
+        type=_positive_int,
+        default=None,
+        help="upload and download runs per system (default min(--runs, 3))",
     )
     parser.add_argument(
         "--transfer-duration",
@@ -154,7 +165,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.latency_runs is None:
-        args.latency_runs = 2 * args.runs + 1
+        args.latency_runs = 2 * min(args.runs, 3) + 1
+    if args.transfer_runs is None:
+        args.transfer_runs = min(args.runs, 3)
     return args
 
 
@@ -331,6 +344,7 @@ class Bench:
                 measure,
                 lambda record, kind=kind: record.upload_runs if kind == "upload" else record.download_runs,
                 lambda r: f"{r.mib_s or 0:8,.0f} MiB/s  ({r.requests} requests)",
+                rounds=args.transfer_runs,
             )
 
     def idle_connections(self) -> None:
@@ -471,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skip": args.skip,
         "latency_duration_s": args.latency_duration,
         "latency_runs": args.latency_runs,
+        "transfer_runs": args.transfer_runs,
         "transfer_duration_s": args.transfer_duration,
         "transfer_connections": args.transfer_connections,
         "upload_bytes": UPLOAD_BYTES,
