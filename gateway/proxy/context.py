@@ -51,8 +51,7 @@ class ProxyContext:
         self.limits = limits
         # A Content-Length with fewer digits than the body limit is below it (no int() needed).
         self.body_limit_digits = len(str(limits.max_body_bytes))
-        self.ids = RequestIds()
-        self.next_id = iter(self.ids)  # next(ctx.next_id): a new request id, made in C
+        self.next_id = iter(RequestIds())  # next(ctx.next_id): a new request id, made in C
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.draining = False
