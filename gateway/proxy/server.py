@@ -449,9 +449,11 @@ class ClientConnection(asyncio.Protocol):
         tracing = ctx.tracing
         if tracing is not None:
             parent = parse_traceparent(traceparent) if traceparent is not None else None
-            if tracing.sampled(parent):
+            trace_id = tracing.sampled_trace_id(parent)
+            if trace_id:
                 exchange.span, traceparent = tracing.start(
                     parent,
+                    trace_id,
                     tracestate,
                     method,
                     self._url,
