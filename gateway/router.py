@@ -7,6 +7,7 @@ Strict ownership lives here: a write's candidate set is only ever its owner grou
 from __future__ import annotations
 
 import random
+import re
 
 from gateway.topology import Decision, GroupView, Pod, PodState, Topology
 
@@ -18,6 +19,8 @@ _random = random.random
 _DEL = b"\x7f"
 _WHITESPACE = b" \t"
 _WRITE = b"write"
+# C1 control characters (U+0080..U+009F) as UTF-8: in valid UTF-8, 0xC2 only starts a character.
+_C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 
 
 class Refusal:
@@ -90,6 +93,8 @@ def _resolve_new_key(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
             key.decode("utf-8")  # only to validate: the ring hashes these very bytes
         except UnicodeDecodeError:
             return invalid_key("shard key is not valid UTF-8")
+        if _C1_CONTROL.search(key) is not None:
+            return invalid_key("shard key contains control characters")
     return topology.groups[topology.ring.resolve(raw_key, key)]
 
 
