@@ -13,10 +13,11 @@ a request is tried on a second pod only when no byte of it was handed to the fir
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.observability.tracing import parse_traceparent
 from gateway.proxy.context import (
@@ -35,15 +36,22 @@ from gateway.proxy.http import (
     VIA_TOKEN,
     RequestIds,
     error_response,
+    valid_host,
+    valid_request_id,
 )
 from gateway.proxy.upstream import UpstreamConnection, acquire_idle, open_connection
 from gateway.router import REPEATED_KEY, Decision, Refusal, choose_pod, decide, is_write
 from gateway.topology import Pod, PodState, Topology
 
+log = logging.getLogger("shardgate.proxy")
+
 PENDING_LIMIT = 256 * 1024
 CLIENT_CLOSED = 499  # nginx's code for "client went away", used in metrics only
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+BAD_HOST = Refusal(400, "bad_request", "an HTTP/1.1 request needs exactly one valid Host field")
+# After the drain delay nothing new is forwarded (the contract's not_ready, "draining").
+DRAINED = Refusal(503, "not_ready", "the gateway is shutting down; retry on another replica", retry_after=1)
 
 
 class _ParseAbort(Exception):
@@ -165,8 +173,9 @@ class Exchange:
         if not self.sent:
             return True
         # Bytes were handed to the upstream: only a bodiless idempotent read may go again
-        # (its whole request is the head, which is kept).
-        return self.idempotent and self.body_bytes == 0 and not self.chunked
+        # (its whole request is the head, which is kept). A write never does, whatever its
+        # method: GET + "Operation-Type: write" is a write (DESIGN invariant 4).
+        return not self.is_write and self.idempotent and self.body_bytes == 0 and not self.chunked
 
     def _try_again(self, exclude: Pod | None) -> None:
         self._leave_pod()
@@ -283,8 +292,10 @@ class ClientConnection(asyncio.Protocol):
             if self.exchanges:
                 self.exchanges[-1].keep_alive = False
             self._stop_reading()
-        except _ParseAbort:
-            pass
+        except HttpParserCallbackError as exc:
+            # httptools wraps what a callback raised; the original is its __context__.
+            if not isinstance(exc.__context__, _ParseAbort):  # (a _ParseAbort was answered)
+                self._internal_error(exc.__context__ or exc)
         except HttpParserError as exc:
             self._protocol_error(400, "bad_request", f"malformed HTTP request: {_reason(exc)}")
         else:
@@ -334,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
         topology = ctx.holder.current
         actions = topology.header_actions if topology is not None else _NO_TOPOLOGY_ACTIONS
         raw_key = operation = request_id = forwarded_for = via = host = traceparent = tracestate = None
-        has_proto = has_forwarded_host = key_repeated = saw_connection = False
+        has_proto = has_forwarded_host = key_repeated = host_repeated = saw_connection = False
         content_length = -1
         connection_tokens: set[bytes] | None = None
         headers = self._headers
@@ -357,6 +368,7 @@ class ClientConnection(asyncio.Protocol):
                 raw_key = value
                 continue
             if action == _HOST:
+                host_repeated = host is not None
                 host = value
                 continue
             if action == _CONTENT_LENGTH:
@@ -402,12 +414,13 @@ class ClientConnection(asyncio.Protocol):
         if rewritten:
             size = _head_size(b"", headers)
             forwarded = _field_lines(_forwarded_fields(headers, topology, connection_tokens or _NO_NAMES))
-        elif fresh is not None and (line_end := fresh.find(b"\r\n")) > 0:
-            # The head came whole at the start of this read: its field lines are sliced out
-            # rather than rebuilt. They are what llhttp accepted (CRLF line ends, no folding,
-            # no bare CR: it refuses anything else), so the request line ends at the first
-            # CRLF and the fields at the first blank line. (A read that begins with the CRLF
-            # llhttp skips before a request line is rebuilt instead.)
+        elif fresh is not None:
+            # The head came whole in this read: its field lines are sliced out rather than
+            # rebuilt. They are what llhttp accepted (CRLF line ends, no folding, no bare CR:
+            # it refuses anything else), so the request line ends at the first CRLF after the
+            # empty lines llhttp skips before it (RFC 9112 2.2), and the fields at the first
+            # blank line after that.
+            line_end = fresh.find(b"\r\n", _request_line_start(fresh))
             forwarded = fresh[line_end + 2 : fresh.find(b"\r\n\r\n", line_end) + 2]
             size = len(forwarded)
         else:
@@ -423,13 +436,25 @@ class ClientConnection(asyncio.Protocol):
         # only when a Connection field was sent or the connection is to close.
         exchange.http10 = (not keep_alive or saw_connection) and parser.get_http_version() == "1.0"
 
-        if request_id is None or not RequestIds.valid(request_id):
+        if (
+            host_repeated
+            or (host is None and parser.get_http_version() != "1.0")
+            or (host is not None and not valid_host(host))
+        ):
+            # RFC 9112 3.2: an HTTP/1.1 request needs one Host field, of a valid value (and no
+            # request may carry two). Malformed: answered 400, and the connection closes.
+            exchange.refusal = BAD_HOST
+            exchange.keep_alive = False
+        if not valid_request_id(request_id):
             request_id = next(ctx.next_id)
         exchange.rid = request_id
         exchange.method = method
         exchange.target = self._url
         exchange.traceparent = traceparent
 
+        if exchange.refusal is not None:
+            exchange.is_write = topology is not None and is_write(topology, method, operation)
+            return
         decision = decide(topology, method, raw_key, operation) if not key_repeated else REPEATED_KEY
         if isinstance(decision, Refusal):
             exchange.is_write = topology is not None and is_write(topology, method, operation)
@@ -526,6 +551,8 @@ class ClientConnection(asyncio.Protocol):
             if not exchange.started:
                 exchange.started = True
                 refusal = exchange.refusal
+                if refusal is None and self.ctx.draining:
+                    refusal = DRAINED  # arrived, or waited its turn, past the drain delay
                 if refusal is not None:
                     self.fail(exchange, refusal.status, refusal.code, refusal.detail, refusal.retry_after,
                               refusal.group)  # fmt: skip
@@ -661,11 +688,13 @@ class ClientConnection(asyncio.Protocol):
             self.unblock_reading(BLOCK_UPSTREAM)
         if self.out:
             self.flush_output()
-        if not exchange.keep_alive or ctx.draining:
+        if not exchange.keep_alive:  # the response said "Connection: close"
             self._close()
             return
         if exchanges:
-            self._advance()
+            self._advance()  # (after the drain delay, answered not_ready)
+        elif ctx.draining and self.parsing is None:
+            self._close()  # idle past the drain delay: nothing more is served here
         else:
             if self.read_blocks:
                 self._update_blocks()
@@ -794,6 +823,11 @@ class ClientConnection(asyncio.Protocol):
         exchange.pending.clear()
         exchange.refusal = Refusal(status, code, detail)
 
+    def _internal_error(self, exc: BaseException) -> None:
+        """A bug of ours while reading a request: logged with its traceback, answered 500."""
+        log.error("internal error while reading a request", exc_info=(type(exc), exc, exc.__traceback__))
+        self._protocol_error(500, "internal_error", "the gateway failed to handle this request")
+
     def _stop_reading(self) -> None:
         self.broken = True
         self.block_reading(BLOCK_BROKEN)
@@ -884,6 +918,12 @@ def _classify_header(lname: bytes, topology: Topology | None) -> int:
     if topology is not None and lname == topology.operation_header:
         return _OPERATION
     return _NAMED_ACTIONS.get(lname, _FORWARD)
+
+
+def _request_line_start(data: bytes) -> int:
+    """Where the request line begins in a read that begins a request: after the CR, LF and
+    CRLF that a server may skip before it (RFC 9112 2.2; llhttp does)."""
+    return len(data) - len(data.lstrip(b"\r\n"))
 
 
 def _reason(exc: Exception) -> str:
