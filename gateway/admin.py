@@ -11,9 +11,9 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
-from gateway.observability.metrics import GatewayCollector, Metrics, WatchView, own_pod_stats
+from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
 from gateway.router import MISSING_KEY, REPEATED_KEY, Refusal, owner_group
-from gateway.topology import Pod, TopologyHolder
+from gateway.topology import PodStats, TopologyHolder, unpooled_stats
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -37,7 +37,7 @@ class AdminApp:
         *,
         workers_ready: Callable[[], str | None] = lambda: None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
-        pod_stats: Callable[[Pod], tuple[int, int, int]] = own_pod_stats,
+        pod_stats: PodStats = unpooled_stats,
         extra_debug: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._holder = holder
@@ -46,6 +46,7 @@ class AdminApp:
         self._workers_ready = workers_ready  # None when fine, else why not ready
         self._before_scrape = before_scrape
         self._extra_debug = extra_debug
+        self._pod_stats = pod_stats
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches, pod_stats))
@@ -84,7 +85,7 @@ class AdminApp:
         if topology is None:
             data.update({"epoch": None, "groups": [], "ring": None})
         else:
-            data.update(topology.describe())
+            data.update(topology.describe(self._pod_stats))
         return _json(data)
 
     async def debug_route(self, request: web.Request) -> web.Response:

@@ -76,7 +76,6 @@ class RequestIds:
         return self._ids
 
 
-
 def error_response(
     status: int,
     code: str,

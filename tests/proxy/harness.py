@@ -20,8 +20,8 @@ import uvloop
 
 from gateway.config import Limits, parse_shard_config
 from gateway.observability.metrics import Metrics
+from gateway.proxy.client import ClientConnection
 from gateway.proxy.context import ProxyContext
-from gateway.proxy.server import ClientConnection
 from gateway.topology import TopologyBuilder, TopologyHolder
 
 KEY_HEADER = "User-ID"
@@ -94,10 +94,12 @@ class RecordedHead:
 
 @dataclass
 class RecordingUpstream:
-    """A pod: reads Content-Length-framed requests, answers each ``200 ok``, keeps the heads."""
+    """A pod: reads Content-Length-framed requests, answers each ``200 ok``, keeps the heads.
+    A request for ``/hold...`` is answered once ``release`` is set."""
 
     heads: list[RecordedHead] = field(default_factory=list)
     port: int = 0
+    release: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -116,6 +118,8 @@ class RecordingUpstream:
                 self.heads.append(head)
                 length = next((int(v) for n, v in head.fields if n.lower() == b"content-length"), 0)
                 await reader.readexactly(length)
+                if head.request_line.split(b" ")[1].startswith(b"/hold"):
+                    await self.release.wait()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(RESPONSE_BODY), RESPONSE_BODY)
                 )

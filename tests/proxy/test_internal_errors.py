@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-import gateway.proxy.server as server
+import gateway.proxy.client as server
 from gateway.config import Limits
 from tests.proxy.harness import KEY_HEADER, Harness, harness, responses_in
 
