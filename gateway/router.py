@@ -101,24 +101,16 @@ def _resolve_new_key(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
 def decide(
     topology: Topology | None, method: bytes, raw_key: bytes | None, operation: bytes | None
 ) -> Decision | Refusal:
+    """Where a request may go: its allowed set of pods, or why it may go nowhere."""
     if topology is None:
         return NOT_READY
-    write = method in topology.write_methods or (
-        operation is not None and operation.strip(_WHITESPACE).lower() == _WRITE
-    )  # is_write(), inlined: this runs for every request
+    write = is_write(topology, method, operation)
     owner: GroupView | None = None
     if raw_key is not None:
-        ring = topology.ring
-        name = ring.cache.get(raw_key)  # ring.cached_owner(), inlined: this runs for every request
-        if name is not None:
-            ring.hits += 1
-            found: GroupView | Refusal = topology.groups[name]
-        else:
-            ring.misses += 1
-            found = _resolve_new_key(topology, raw_key)
+        found = owner_group(topology, raw_key)
         if isinstance(found, Refusal):
             if write or found is not MISSING_KEY:
-                return found
+                return found  # (a read without a usable key is a read without a key)
         else:
             owner = found
     if write:
