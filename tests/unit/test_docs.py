@@ -38,7 +38,6 @@ EXPECTED_ERRORS = {
     (503, "not_ready"),
     (504, "upstream_timeout"),
 }
-NOT_YET_IN_CODE = {(500, "internal_error")}
 
 # The demo's pods are backends, not the gateway: their own error codes are not the contract's.
 NOT_THE_GATEWAY = {ROOT / "gateway" / "demo.py"}
@@ -190,21 +189,6 @@ def test_the_gateway_sends_no_code_missing_from_the_table() -> None:
     assert sent <= contract_errors(), f"not in docs/contract.md's errors table: {sent - contract_errors()}"
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        pytest.param(
-            error,
-            marks=pytest.mark.xfail(
-                reason="a contract change being implemented: remove this mark once gateway/ sends it",
-                strict=False,
-            ),
-        )
-        if error in NOT_YET_IN_CODE
-        else error
-        for error in sorted(EXPECTED_ERRORS)
-    ],
-    ids=lambda error: f"{error[0]}-{error[1]}",
-)
+@pytest.mark.parametrize("error", sorted(EXPECTED_ERRORS), ids=lambda error: f"{error[0]}-{error[1]}")
 def test_the_gateway_sends_every_code_of_the_table(error: tuple[int, str]) -> None:
     assert error in codes_in_the_gateway()
