@@ -173,3 +173,10 @@ def test_debug_route_refuses_control_characters_the_data_plane_refuses(gw: Gatew
     assert status == 400 and route["error"] == "missing_shard_key", route
     status, _, body = gw.admin_get("/debug/route?key=a&key=b")
     assert status == 400 and json.loads(body)["error"] == "invalid_shard_key", body
+
+
+def test_debug_route_reads_plus_as_a_space_and_percent_2b_as_a_plus(gw: Gateway) -> None:
+    spaced, plus = gw.admin_get("/debug/route?key=a+b"), gw.admin_get("/debug/route?key=a%2Bb")
+    assert json.loads(spaced[2])["key"] == "a b" and json.loads(plus[2])["key"] == "a+b"
+    _assert_route_agrees(gw, b"a b", 200)
+    _assert_route_agrees(gw, b"a+b", 200)
