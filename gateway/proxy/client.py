@@ -116,7 +116,7 @@ class ClientConnection(asyncio.Protocol):
             upstream, exchange.upstream = exchange.upstream, None
             if upstream is not None:
                 upstream.abort()  # mid-exchange: its response can no longer be delivered
-            if exchange.started and exchange.state is not DONE:
+            if exchange.started and exchange.state != DONE:
                 exchange.state = DONE
                 record(ctx, exchange, CLIENT_CLOSED, ctx.loop.time(), self.peer)
 
@@ -348,9 +348,9 @@ class ClientConnection(asyncio.Protocol):
         exchanges = self.exchanges
         while exchanges and not self.closed:
             exchange = exchanges[0]
-            if exchange.state is QUEUED:
+            if exchange.state == QUEUED:
                 exchange.start()
-                if exchange.state is DONE:
+                if exchange.state == DONE:
                     continue  # refused (and answered, or the connection closed): the next one
             else:
                 exchange.flush_body()
@@ -381,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
 
     def refuse(self, exchange: Exchange, refusal: Refusal) -> None:
         """Answer an exchange that got no upstream response with the contract's error."""
-        if self.closed or exchange.state is DONE:
+        if self.closed or exchange.state == DONE:
             return
         ctx = self.ctx
         ctx.metrics.refused(refusal.code)
@@ -446,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
         active = self.exchanges[0] if self.exchanges else None
         if active is None:
             self._close()
-        elif active.state is not STREAMING:
+        elif active.state != STREAMING:
             self.abort(active)
         # (streaming a response: the client reads at its pace; the upstream's deadline applies)
 

@@ -232,7 +232,7 @@ class Exchange:
             if self.pod is pod and not self.client.closed:
                 self._connect_failed(pod, isinstance(exc, TimeoutError))
             return
-        if self.pod is not pod or self.client.closed or self.state is DONE:
+        if self.pod is not pod or self.client.closed or self.state == DONE:
             conn.close()  # opened for a request that is gone (rare): not worth pooling
             return
         self.send_on(conn, ctx.loop.time())
@@ -261,7 +261,7 @@ class Exchange:
 
     def may_retry(self) -> bool:
         """Whether a request whose upstream connection closed before any response may go again."""
-        if self.attempts >= MAX_ATTEMPTS or not self.request_done or self.state is not SENT:
+        if self.attempts >= MAX_ATTEMPTS or not self.request_done or self.state != SENT:
             return False
         # Bytes were handed to the upstream. Only a bodiless idempotent read may go again (its
         # whole request is the head, which is kept); a write never does, whatever its method
@@ -307,9 +307,9 @@ class Exchange:
     def upstream_lost(self, reused_connection: bool, until_close: bool) -> None:
         """The upstream connection closed under this exchange."""
         self.upstream = None
-        if self.state is DONE:
+        if self.state == DONE:
             return
-        if self.state is STREAMING:
+        if self.state == STREAMING:
             if until_close:  # a close-delimited body: the close is the end of the response
                 self.state = DONE
                 self.keep_alive = False
@@ -339,7 +339,7 @@ class Exchange:
 
     def _upstream_failed(self, refusal: Refusal) -> None:
         self.upstream = None
-        if self.state is STREAMING:
+        if self.state == STREAMING:
             self.client.abort(self)
         else:
             self.client.refuse(self, refusal)

@@ -94,7 +94,7 @@ def test_a_client_that_goes_away_mid_request_is_counted_and_releases_its_pod(pla
     [pod] = plane.holder.current.groups["g1"].pods  # type: ignore[union-attr]
     assert pod.inflight == 1
     transport.abort()
-    plane.wait_for(lambda: client.closed and exchange.state is DONE)
+    plane.wait_for(lambda: client.closed and exchange.state == DONE)
     assert pod.inflight == 0
     stats = plane.metrics.write_routes["g1"]
     assert stats.codes[3] == 1  # a client that went away counts as 4xx (499)
