@@ -48,7 +48,7 @@ class BuildInfo:
     compiled: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "mismatch": self.mismatch}
 
     @property
     def mismatch(self) -> str | None:

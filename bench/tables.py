@@ -78,7 +78,7 @@ def _idle(attribute: str, convert: Callable[[Any], float | None], spec: str) -> 
 
 
 def _identity(value: Any) -> float | None:
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _throughput_rows(rows: _Rows, summary: dict[str, Any], shape: str) -> None:
@@ -299,11 +299,8 @@ def _build_notes(name: str, entry: dict[str, Any]) -> list[str]:
         )
     if build.get("error"):
         found.append(f"  {name}: build probe: {build['error']}")
-    loaded = build.get("loaded_extensions")
-    if loaded is not None and (build["build"] == "compiled") != bool(loaded):
-        found.append(
-            f"  {name}: the build probe said {build['build']}, the process mapped {loaded or 'none'}"
-        )
+    if build.get("mismatch"):
+        found.append(f"  {name}: build: {build['mismatch']}")
     return found
 
 
