@@ -3,7 +3,7 @@
 `probe_build` runs `python -m bench.build` with the interpreter, environment and working
 directory the system's gateway gets (so `SHARDGATE_PURE_PYTHON=1` has its effect there too):
 it imports the data-plane modules and prints where each came from. The build is "compiled" when
-`gateway.proxy.server` was loaded from an extension module (a suffix of
+`gateway.proxy.client` was loaded from an extension module (a suffix of
 `importlib.machinery.EXTENSION_SUFFIXES`, e.g. `.cpython-311-x86_64-linux-gnu.so`), else
 "pure". Once the gateway runs, `loaded_extensions` lists the gateway's extension modules that
 its process has mapped (/proc/PID/maps): the check that the probe saw what the process runs.
@@ -23,8 +23,13 @@ from typing import Any
 
 # The modules on the request path; the build is judged by the first one.
 DATA_PLANE = (
-    "gateway.proxy.server",
+    "gateway.proxy.client",
+    "gateway.proxy.exchange",
+    "gateway.proxy.request_head",
+    "gateway.proxy.response_head",
     "gateway.proxy.upstream",
+    "gateway.proxy.pool",
+    "gateway.proxy.flow",
     "gateway.proxy.http",
     "gateway.proxy.context",
     "gateway.router",

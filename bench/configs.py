@@ -1,7 +1,7 @@
 """Config files of the systems under test and of the backends they share.
 
 nginx and HAProxy are configured as production reverse proxies doing the header work the gateway
-does (gateway/proxy/server.py `on_headers_complete`, gateway/proxy/upstream.py `_emit_head`),
+does (gateway/proxy/request_head.py `upstream_head`, gateway/proxy/response_head.py `finish_head`),
 no more and no less; bench/README.md has the table. Toward the upstream:
 
 - X-Forwarded-For, the peer appended: nginx `$proxy_add_x_forwarded_for`; HAProxy

@@ -9,7 +9,7 @@ The backend's nginx relays every field line as it came, except the hop-by-hop on
 
 Probes: the first Ingress-shaped and the first bare benchmark request, and a "chained" one (bare,
 plus a client `X-Forwarded-For`, a `Via`, an invalid `X-Request-ID` and a forged
-`X-Shard-Epoch`). Each is checked against what the gateway does (gateway/proxy/server.py): a
+`X-Shard-Epoch`). Each is checked against what the gateway does (gateway/proxy/request_head.py): a
 field sent as several lines counts as one comma-joined list (RFC 9110 5.3), so HAProxy's added
 `X-Forwarded-For`/`Via` lines equal the gateway's appended values.
 """

@@ -44,7 +44,7 @@ from bench.wrk import parse_wrk_output
 from gateway.config import parse_shard_config
 from gateway.discovery.kubernetes import SERVICE_NAME_LABEL, pods_by_group
 from gateway.observability.tracing import parse_traceparent
-from gateway.proxy.http import RequestIds
+from gateway.proxy.http import valid_request_id
 
 MISSING = [tool for tool in ("nginx", "wrk") if which(tool) is None]
 PORTS = [9001, 9002, 9003, 9004, 9005, 9006]
@@ -128,7 +128,7 @@ def test_ingress_requests_carry_what_ingress_nginx_sets() -> None:
     fields = dict(parsed.headers)
     assert parsed.complete and json.loads(parsed.body)["customer"] == fields["User-ID"] == "user-00007"
     assert fields["X-Real-IP"] == fields["X-Forwarded-For"]
-    assert RequestIds.valid(fields["X-Request-ID"].encode()) and len(fields["X-Request-ID"]) == 32
+    assert valid_request_id(fields["X-Request-ID"].encode()) and len(fields["X-Request-ID"]) == 32
     assert parse_traceparent(fields["traceparent"].encode()) is not None, fields["traceparent"]
     assert fields["User-Agent"].startswith("Mozilla/5.0")
 
@@ -254,7 +254,7 @@ def test_header_rules() -> None:
     assert any("X-Request-ID" in p for p in parity_problems(ingress, new_id, response, EPOCH))
     # The chained probe's invalid id must be replaced and its Via chained.
     client = dict(chained)
-    assert client["Via"] == "1.1 edge" and not RequestIds.valid(client["X-Request-ID"].encode())
+    assert client["Via"] == "1.1 edge" and not valid_request_id(client["X-Request-ID"].encode())
     kept_invalid = [("X-Request-ID", client["X-Request-ID"]), ("Via", "1.1 nginx")]
     problems = parity_problems(chained, kept_invalid, [], EPOCH)
     assert any("expected a new valid id" in p for p in problems)
@@ -272,15 +272,15 @@ def test_idle_response_framing() -> None:
 
 
 def test_build_probe() -> None:
-    assert is_extension("/x/gateway/proxy/server.cpython-311-x86_64-linux-gnu.so")
-    assert not is_extension("/x/gateway/proxy/server.py") and not is_extension(None)
+    assert is_extension("/x/gateway/proxy/client.cpython-311-x86_64-linux-gnu.so")
+    assert not is_extension("/x/gateway/proxy/client.py") and not is_extension(None)
     compiled = build_from(
-        {"modules": {"gateway.proxy.server": "/x/server.abi3.so", "gateway.ring": "/x/ring.py"}}
+        {"modules": {"gateway.proxy.client": "/x/client.abi3.so", "gateway.ring": "/x/ring.py"}}
     )
-    assert (compiled.build, compiled.compiled) == ("compiled", ["gateway.proxy.server"])
+    assert (compiled.build, compiled.compiled) == ("compiled", ["gateway.proxy.client"])
     pure = probe_build(gateway_python(), shardgate_env("shardgate-pure"), REPO_ROOT)
     assert pure.build == "pure", pure
-    assert pure.modules["gateway.proxy.server"].endswith("server.py")
+    assert pure.modules["gateway.proxy.client"].endswith("server.py")
     assert shardgate_env("shardgate-pure")["SHARDGATE_PURE_PYTHON"] == "1"
 
 
