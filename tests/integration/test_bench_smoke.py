@@ -280,7 +280,7 @@ def test_build_probe() -> None:
     assert (compiled.build, compiled.compiled) == ("compiled", ["gateway.proxy.client"])
     pure = probe_build(gateway_python(), shardgate_env("shardgate-pure"), REPO_ROOT)
     assert pure.build == "pure", pure
-    assert pure.modules["gateway.proxy.client"].endswith("server.py")
+    assert pure.modules["gateway.proxy.client"].endswith("client.py")
     assert shardgate_env("shardgate-pure")["SHARDGATE_PURE_PYTHON"] == "1"
 
 
