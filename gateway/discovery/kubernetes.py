@@ -47,6 +47,54 @@ def load_api_client() -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+# The two lists the gateway watches (namespaced paths of the API, and the list type the
+# generated client gives them: Watch reads it to decode the objects of events).
+CONFIGMAPS = ("/api/v1/namespaces/{namespace}/configmaps", "V1ConfigMapList")
+ENDPOINT_SLICES = ("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", "V1EndpointSliceList")
+_QUERY_NAMES = {
+    "field_selector": "fieldSelector",
+    "label_selector": "labelSelector",
+    "resource_version": "resourceVersion",
+    "allow_watch_bookmarks": "allowWatchBookmarks",
+    "timeout_seconds": "timeoutSeconds",
+    "watch": "watch",
+}
+
+
+def list_call(api: client.ApiClient, endpoint: tuple[str, str]) -> Callable[..., Any]:
+    """A namespaced list (or, with ``watch=True``, watch) call of ``endpoint``: the wire call of
+    the generated ``CoreV1Api.list_namespaced_config_map`` and the like, made with the official
+    client's own request machinery (``ApiClient.param_serialize`` and ``call_api``: its
+    configuration, credentials and connection pool). The generated API classes are not used:
+    importing the one that holds ConfigMaps (CoreV1Api: hundreds of validated methods) costs
+    ~21 MB of resident memory. Returns the raw response, unread, as the generated calls do with
+    ``_preload_content=False``; a status other than 2xx raises ApiException."""
+    path, list_type = endpoint
+
+    def call(
+        namespace: str, _request_timeout: Any = None, _preload_content: bool = False, **query: Any
+    ) -> Any:
+        params = [(_QUERY_NAMES[name], value) for name, value in query.items() if value is not None]
+        request = api.param_serialize(
+            method="GET",
+            resource_path=path,
+            path_params={"namespace": namespace},
+            query_params=params,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = api.call_api(*request, _request_timeout=_request_timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+    # Watch.stream decodes each event's object by the type this docstring names.
+    call.__doc__ = f":return: {list_type}"
+    call.__name__ = f"list_{list_type}"
+    return call
+
+
 @dataclass
 class WatchStatus:
     """One watched query, as /debug/ring and /metrics show it."""
@@ -341,10 +389,9 @@ class KubernetesSource:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        api = client.CoreV1Api(self._api_factory())
         self._configmap_watcher = ResourceWatcher(
             f"configmap/{self.configmap}",
-            api.list_namespaced_config_map,
+            list_call(self._api_factory(), CONFIGMAPS),
             {"namespace": self.namespace, "field_selector": f"metadata.name={self.configmap}"},
             lambda items: self._from_thread(self._configmap_changed, items),
             self._timing,
@@ -433,12 +480,11 @@ class KubernetesSource:
         self._slices_synced = False
         if not services:
             return
-        api = client.DiscoveryV1Api(self._api_factory())
         generation = object()
         self._slice_generation = generation
         self._slice_watcher = ResourceWatcher(
             "endpointslices",
-            api.list_namespaced_endpoint_slice,
+            list_call(self._api_factory(), ENDPOINT_SLICES),
             {
                 "namespace": self.namespace,
                 "label_selector": f"{SERVICE_NAME_LABEL} in ({','.join(services)})",
