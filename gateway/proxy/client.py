@@ -199,8 +199,7 @@ class ClientConnection(asyncio.Protocol):
         # would be one more Python call per request).
         now = self.ctx.loop.time()
         self.parsing = Exchange(self, now)
-        self._fields = []
-        self._url = url
+        self._url = url  # (self._fields is empty: on_headers_complete took the last head's)
         self._head_bytes = -1  # not counted: a head that arrives whole is measured once
         self._reading_head = True
         self.deadline = now + self.ctx.limits.client_header_timeout
@@ -216,14 +215,16 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None
         self.exchanges.append(exchange)
         exchange.head_complete(self.parser.get_method())
-        exchange.target = self._url
+        # The head is the exchange's now: an idle connection keeps nothing of it.
+        exchange.target, self._url = self._url, b""
+        parsed, self._fields = self._fields, []
         ctx = self.ctx
         topology = ctx.holder.current
         actions = topology.header_actions if topology is not None else _NO_ACTIONS
-        fields = read_fields(self._fields, actions, topology, ctx.body_limit_digits)
+        fields = read_fields(parsed, actions, topology, ctx.body_limit_digits)
         raw, self._fresh_read = self._fresh_read, None  # a pipelined second head starts elsewhere
         sliced = sliced_field_lines(raw) if raw is not None else None
-        size = len(sliced) if sliced is not None else head_size(b"", self._fields)
+        size = len(sliced) if sliced is not None else head_size(b"", parsed)
         if size > ctx.limits.max_header_bytes:
             self._protocol_error(HEADERS_TOO_LARGE)
             raise _ParseAbort
@@ -237,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.refusal = refusal
             return
         assert topology is not None
-        exchange.head = self._upstream_head(exchange, fields, topology, sliced)
+        exchange.head = self._upstream_head(exchange, parsed, fields, topology, sliced)
 
     def _read_connection_options(self, exchange: Exchange, fields: RequestFields) -> None:
         parser = self.parser
@@ -272,7 +273,12 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def _upstream_head(
-        self, exchange: Exchange, fields: RequestFields, topology: Topology, sliced: bytes | None
+        self,
+        exchange: Exchange,
+        parsed: list[tuple[bytes, bytes]],
+        fields: RequestFields,
+        topology: Topology,
+        sliced: bytes | None,
     ) -> bytes:
         """The head that goes upstream (a sampled request gets a span and its own traceparent)."""
         traceparent = None
@@ -284,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
                 traceparent = self._start_span(exchange, fields, topology, parent, trace_id)
                 if fields.traceparent_at >= 0:
                     fields.remove(fields.traceparent_at)
-        forwarded = field_block(sliced, self._fields, fields.removed)
+        forwarded = field_block(sliced, parsed, fields.removed)
         version = b" HTTP/1.0\r\n" if exchange.http10 else b" HTTP/1.1\r\n"
         request_line = b"".join((exchange.method, b" ", exchange.target, version))
         return upstream_head(
