@@ -73,8 +73,9 @@ class ShardRing:
         # layers: point i (sorted) belongs to _owners[i]; a key goes to the first point above
         # its hash, wrapping around (uhashring's own rule, so the answers are identical).
         points = self._ring.get_points()
-        self._positions = positions = [position for position, _ in points]
-        self._owners = [name for _, name in points]
+        self._positions: list[int] = [position for position, _ in points]
+        positions = self._positions
+        self._owners: list[str] = [str(name) for _, name in points]
         # A search table over the top bits of the 32-bit hash: _buckets[b] is the index of the
         # first point at or above b << _shift, so a key's answer lies between _buckets[b] and
         # _buckets[b + 1]. A bisect over those few points instead of the whole continuum

@@ -215,6 +215,7 @@ class TopologyBuilder:
             )
         for ident in [i for i in self._pods if i not in seen]:
             self._pods.pop(ident).state = PodState.REMOVED
+        assert self._ring is not None  # built above when there was none
         routing = config.routing
         epoch = config_epoch(config)
         return Topology(

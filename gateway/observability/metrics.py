@@ -67,7 +67,8 @@ class Histogram:
         self.total += total
 
     def family_value(self) -> tuple[list[tuple[str, float]], float]:
-        cumulative, running = [], 0
+        cumulative: list[tuple[str, float]] = []
+        running = 0
         for bound, value in zip((*self.bounds, float("inf")), self.buckets, strict=True):
             running += value
             cumulative.append((_bound_label(bound), running))

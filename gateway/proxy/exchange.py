@@ -54,7 +54,9 @@ class ClientSide(Protocol):
 
     ctx: ProxyContext
     closed: bool
-    write_paused: bool
+
+    @property
+    def write_paused(self) -> bool: ...
 
     def send(self, data: bytes | memoryview) -> None: ...
     def exchange_done(self, exchange: Exchange, now: float) -> None: ...

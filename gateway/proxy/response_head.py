@@ -76,7 +76,9 @@ def framing(lower: bytes, status: int, head_only: bool, http10: bool) -> Framing
     )
 
 
-def finish_head(kept: bytes, group: bytes, request_id: bytes, connection: bytes, body: bytes) -> bytes:
+def finish_head(
+    kept: bytes, group: bytes, request_id: bytes, connection: bytes, body: bytes | memoryview
+) -> bytes:
     """The head as sent to the client, with ``body`` bytes that came with it, in one join."""
     return b"".join(
         (
