@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from gateway.config import Settings
 from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
+from gateway.settings import Settings
 from gateway.topology import Topology, TopologyBuilder, TopologyHolder
 
 if TYPE_CHECKING:  # the kubernetes client costs ~36 MB of memory: imported only when used
     from gateway.discovery.kubernetes import KubernetesSource, WatchStatus
+
+CONFIG_POLL_INTERVAL = 1.0  # how often a config file is checked for changes (seconds)
 
 
 class ControlPlane:
@@ -25,7 +27,7 @@ class ControlPlane:
         self.source: StaticFileSource | KubernetesSource
         if settings.config_path is not None:
             self.source = StaticFileSource(
-                settings.config_path, self.builder, self.holder, self.metrics, settings.config_poll_interval
+                settings.config_path, self.builder, self.holder, self.metrics, CONFIG_POLL_INTERVAL
             )
             self.describe_source: Callable[[], dict[str, object]] = self.source.status.describe
         else:

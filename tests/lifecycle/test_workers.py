@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -179,15 +178,17 @@ def test_a_starting_worker_takes_no_request_before_it_has_a_topology(
     """The supervisor's side of the pipe, played by the test, so the moment is exact: the
     worker has read half of its first topology message and waits for the rest."""
     from gateway.config import ShardConfig
+    from gateway.ipc import Start, TopologyUpdate
+    from gateway.settings import Settings
     from gateway.topology import TopologyBuilder
-    from gateway.workers import topology_message
 
     pod = upstreams("g-a", "a-1")
     config = ShardConfig.model_validate(config_document([group_of("g-a", [pod.address])]))
-    message = json.dumps(topology_message(TopologyBuilder().build(config))).encode() + b"\n"
     port = free_port()
+    settings = Settings.model_validate({"config_path": "shards.yaml", "listen": f"127.0.0.1:{port}"})
+    topology = TopologyUpdate.of(TopologyBuilder().build(config))
+    message = Start(index=0, settings=settings, topology=topology).encode()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
-    env.update({"SHARDGATE_LISTEN": f"127.0.0.1:{port}", "SHARDGATE_WORKER_INDEX": "0"})
     with open(tmp_path / "worker.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.workers"],
