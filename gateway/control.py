@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ class ControlPlane:
             )
             self.describe_source: Callable[[], dict[str, object]] = self.source.status.describe
         else:
-            from gateway.discovery.kubernetes import KubernetesSource, WatchTiming
+            from gateway.discovery.kubernetes import KubernetesSource, WatchTiming, load_api_client
 
             assert settings.configmap is not None
             kube = KubernetesSource(
@@ -40,6 +41,7 @@ class ControlPlane:
                 self.builder,
                 self.holder,
                 self.metrics,
+                api_factory=functools.partial(load_api_client, settings.service_account_dir),
                 timing=WatchTiming(
                     watch_timeout=settings.watch_timeout, backoff_max=settings.watch_backoff_max
                 ),
