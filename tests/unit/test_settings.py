@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway import cli
 from gateway.config import ConfigError
+from gateway.ipc import TO_WORKER, Start
 from gateway.limits import Limits
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, default_text, env_name, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +194,81 @@ def test_drain_settings_come_from_flags_before_the_environment() -> None:
     with pytest.raises(ConfigError) as info:
         settings_from(drain_delay=-1, env=env)
     assert info.value.problems == ["SHARDGATE_DRAIN_DELAY: must not be negative"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One place for each default: the model. The README tables and the CLI help agree with it.
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ENV_NAME = re.compile(r"`(SHARDGATE_[A-Z0-9_]+)`")
+
+
+def readme_variables() -> dict[str, str]:
+    """Each SHARDGATE_* variable in a README table row -> the text of its default cell."""
+    found: dict[str, str] = {}
+    for line in README.read_text().splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for i, cell in enumerate(cells[:-1]):
+            names = ENV_NAME.findall(cell)
+            if names and cell.startswith("`SHARDGATE_"):
+                for name in names:
+                    found.setdefault(name, cells[i + 1] if len(names) == 1 else "")
+                break
+    return found
+
+
+def test_the_readme_documents_every_variable_with_the_models_default() -> None:
+    documented = readme_variables()
+    fields = {env_name(field): field for field in Settings.model_fields}
+    assert set(documented) == set(fields), "README and model disagree on the variables"
+    compared = 0
+    for name, cell in documented.items():
+        default = default_text(fields[name])
+        shown = re.match(r"`([^`]+)`", cell)
+        if default is None:
+            assert shown is None or "SHARDGATE_" in shown.group(1), f"{name}: README shows a default"
+            continue
+        assert shown is not None and shown.group(1) == default, f"{name}: README {cell!r}, model {default}"
+        compared += 1
+    assert compared >= 20
+
+
+def test_the_run_flags_help_names_the_variable_and_the_models_default() -> None:
+    parser = cli.build_parser()
+    run = next(
+        action.choices["run"] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    helps = {opt: action.help or "" for action in run._actions for opt in action.option_strings}
+    flags = {
+        "--config": "config_path",
+        "--configmap": "configmap",
+        "--listen": "listen",
+        "--admin-listen": "admin_listen",
+        "--workers": "workers",
+        "--drain-delay": "drain_delay",
+        "--grace-timeout": "grace_timeout",
+        "--log-level": "log_level",
+    }
+    for flag, field in flags.items():
+        default = default_text(field)
+        expected = f"({env_name(field)}" + (f", default {default})" if default is not None else ")")
+        assert helps[flag].endswith(expected), (flag, helps[flag])
+    assert "--grace-timeout" in helps and "default 20)" in helps["--grace-timeout"]
+
+
+def test_settings_reach_a_worker_whole_without_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the supervisor sends in the start message is what the worker runs with, whatever
+    SHARDGATE_* variables the worker's own environment holds."""
+    monkeypatch.setenv("SHARDGATE_GRACE_TIMEOUT", "3")
+    monkeypatch.setenv("SHARDGATE_MAX_BODY_BYTES", "1024")
+    sent = load_settings(config_path="a.yaml", grace_timeout=7, listen="127.0.0.1:8123")
+    assert (sent.grace_timeout, sent.max_body_bytes) == (7.0, 1024)
+    monkeypatch.setenv("SHARDGATE_GRACE_TIMEOUT", "11")
+    monkeypatch.setenv("SHARDGATE_MAX_BODY_BYTES", "99")
+    monkeypatch.setenv("SHARDGATE_WORKERS", "not a number")
+    message = Start(index=1, settings=sent)
+    received = TO_WORKER.validate_json(message.encode())
+    assert isinstance(received, Start) and received.settings == sent
+    assert received.settings.limits == sent.limits and received.settings.limits.max_body_bytes == 1024
