@@ -3,11 +3,12 @@
 Every field is read from ``SHARDGATE_<FIELD>`` (``config_path`` from ``SHARDGATE_CONFIG``,
 ``upstream_timeout`` is the data plane's ``upstream_header_timeout``); an empty variable counts as
 unset. The flags of ``shardgate run`` are passed in as init values, so a flag wins over its
-variable. The defaults are written here and nowhere else: the CLI help takes them from the
-model, and a test holds the README "Settings" table to it.
+variable. Each default is written once: here, or for the data plane's limits in ``Limits``
+(which the model takes them from); the CLI help takes them from the model, and a test holds
+the README tables to it.
 
 With ``--workers N`` the supervisor loads the settings once and hands them to every worker in
-its first message (``gateway.workers.Start``); a worker reads no ``SHARDGATE_*`` variable itself.
+its first message (``gateway.ipc.Start``); a worker reads no ``SHARDGATE_*`` variable itself.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _address(value: object) -> object:
 Address = Annotated[tuple[str, int], NoDecode, BeforeValidator(_address)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
+
+
+# The data plane's defaults, written once in its Limits class (the data plane and its tests
+# build Limits() themselves).
+_LIMITS = Limits()
 
 
 def _pod_namespace(data: dict[str, Any]) -> str:
@@ -76,17 +82,15 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     access_log: str = "errors"  # errors | all | off | a sampling ratio such as 0.01
     slow_request_seconds: Seconds = 1.0
-    # -- data plane (``limits``)
-    max_header_bytes: Count = 16 * 1024
-    max_body_bytes: Count = 64 * 1024 * 1024
-    connect_timeout: Seconds = 2.0
-    upstream_timeout: Seconds = 30.0  # upstream response headers; also the longest silence mid-body
-    client_header_timeout: Seconds = 10.0
-    client_idle_timeout: Seconds = 60.0
-    # Below the keep-alive timeout of common app servers (uvicorn 5 s, Node 5 s), so that the
-    # gateway, not the upstream, usually closes an idle connection.
-    upstream_idle_timeout: Seconds = 4.0
-    max_idle_per_pod: Count = 64
+    # -- data plane (``limits``): the defaults are the Limits class's own
+    max_header_bytes: Count = _LIMITS.max_header_bytes
+    max_body_bytes: Count = _LIMITS.max_body_bytes
+    connect_timeout: Seconds = _LIMITS.connect_timeout
+    upstream_timeout: Seconds = _LIMITS.upstream_header_timeout  # also the longest silence mid-body
+    client_header_timeout: Seconds = _LIMITS.client_header_timeout
+    client_idle_timeout: Seconds = _LIMITS.client_idle_timeout
+    upstream_idle_timeout: Seconds = _LIMITS.upstream_idle_timeout
+    max_idle_per_pod: Count = _LIMITS.max_idle_per_pod
 
     @field_validator("configmap")
     @classmethod

@@ -54,16 +54,7 @@ def test_settings_defaults() -> None:
     assert settings.admin_listen == ("0.0.0.0", 9090)
     assert settings.workers == 1
     assert (settings.drain_delay, settings.grace_timeout) == (5.0, 20.0)
-    assert settings.limits == Limits(
-        max_header_bytes=16384,
-        max_body_bytes=67108864,
-        connect_timeout=2.0,
-        upstream_header_timeout=30.0,
-        client_header_timeout=10.0,
-        client_idle_timeout=60.0,
-        upstream_idle_timeout=4.0,
-        max_idle_per_pod=64,
-    )
+    assert settings.limits == Limits()
 
 
 def test_settings_from_environment() -> None:
