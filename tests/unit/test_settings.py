@@ -188,16 +188,17 @@ def test_drain_settings_come_from_flags_before_the_environment() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# One place for each default: the model. The README tables and the CLI help agree with it.
+# One place for each default: the model. The README's and the contract's tables and the CLI help
+# agree with it.
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
 ENV_NAME = re.compile(r"`(SHARDGATE_[A-Z0-9_]+)`")
 
 
-def readme_variables() -> dict[str, str]:
-    """Each SHARDGATE_* variable in a README table row -> the text of its default cell."""
+def documented_variables(document: Path) -> dict[str, str]:
+    """Each SHARDGATE_* variable in a table row of ``document`` -> the text of its default cell."""
     found: dict[str, str] = {}
-    for line in README.read_text().splitlines():
+    for line in document.read_text().splitlines():
         if not line.startswith("|"):
             continue
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -210,18 +211,19 @@ def readme_variables() -> dict[str, str]:
     return found
 
 
-def test_the_readme_documents_every_variable_with_the_models_default() -> None:
-    documented = readme_variables()
+@pytest.mark.parametrize("document", ["README.md", "docs/contract.md"])
+def test_the_docs_give_every_variable_with_the_models_default(document: str) -> None:
+    documented = documented_variables(ROOT / document)
     fields = {env_name(field): field for field in Settings.model_fields}
-    assert set(documented) == set(fields), "README and model disagree on the variables"
+    assert set(documented) == set(fields), f"{document} and the model disagree on the variables"
     compared = 0
     for name, cell in documented.items():
         default = default_text(fields[name])
         shown = re.match(r"`([^`]+)`", cell)
         if default is None:
-            assert shown is None or "SHARDGATE_" in shown.group(1), f"{name}: README shows a default"
+            assert shown is None or "SHARDGATE_" in shown.group(1), f"{name}: {document} shows a default"
             continue
-        assert shown is not None and shown.group(1) == default, f"{name}: README {cell!r}, model {default}"
+        assert shown is not None and shown.group(1) == default, f"{name}: {document} {cell!r} ({default})"
         compared += 1
     assert compared >= 20
 
