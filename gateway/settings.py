@@ -196,6 +196,11 @@ def _problem(error: ErrorDetails) -> str:
     return f"{_NAMES.get(field, field)}: {_reason(error)}"
 
 
+def _init_key(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else field
+
+
 def load_settings(**flags: Any) -> Settings:
     """Settings from flags (those given, i.e. not None, win) over SHARDGATE_* variables over the
     defaults. Raises ConfigError with one ``NAME: reason`` per problem, every problem at once."""
@@ -203,7 +208,10 @@ def load_settings(**flags: Any) -> Settings:
     if given.keys() & {"config_path", "configmap"}:
         # A source given as a flag replaces both variables (--configmap with SHARDGATE_CONFIG set).
         given = {"config_path": None, "configmap": None} | given
+    # Keyed as the environment source keys them (a field's alias, if it has one), so that a flag
+    # replaces its variable rather than standing beside it.
+    keyed = {_init_key(name): value for name, value in given.items()}
     try:
-        return Settings(**given)
+        return Settings(**keyed)
     except ValidationError as exc:
         raise ConfigError([_problem(error) for error in exc.errors()]) from None
