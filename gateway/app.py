@@ -16,13 +16,13 @@ import os
 import uvloop
 
 from gateway.admin import AdminApp, AdminServer
-from gateway.config import Settings
 from gateway.control import ControlPlane
 from gateway.lifecycle import run_until_stopped
 from gateway.observability.logs import AccessLog
 from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.plane import DataPlane
+from gateway.settings import Settings
 from gateway.workers import Supervisor
 
 log = logging.getLogger("shardgate")
@@ -42,7 +42,7 @@ class Gateway:
             self.holder,
             self.metrics,
             tracing=tracing_from_env(os.environ),
-            access_log=AccessLog.from_env(os.environ),
+            access_log=AccessLog(settings.access_log, settings.slow_request_seconds),
         )
         self.draining = False
         self.listen_address: tuple[str, int] | None = None

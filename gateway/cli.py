@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Mapping
 
 from gateway import offline
-from gateway.config import ConfigError, settings_from
-from gateway.observability.logs import configure_logging, log_format
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+from gateway.config import ConfigError
+from gateway.observability.logs import configure_logging
+from gateway.settings import flag_help, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,25 +19,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the gateway")
     source = run.add_mutually_exclusive_group()
-    source.add_argument("--config", metavar="PATH", help="shard config file (SHARDGATE_CONFIG)")
-    source.add_argument("--configmap", metavar="NAME", help="shard config ConfigMap (SHARDGATE_CONFIGMAP)")
-    run.add_argument("--namespace", metavar="NS", help="ConfigMap/Service namespace (SHARDGATE_NAMESPACE)")
-    run.add_argument("--listen", metavar="HOST:PORT", help="proxy address (SHARDGATE_LISTEN)")
-    run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin address (SHARDGATE_ADMIN_LISTEN)")
-    run.add_argument("--workers", metavar="N", type=int, help="worker processes (SHARDGATE_WORKERS)")
+    source.add_argument("--config", metavar="PATH", help=flag_help("shard config file", "config_path"))
+    source.add_argument("--configmap", metavar="NAME", help=flag_help("shard config ConfigMap", "configmap"))
+    run.add_argument(
+        "--namespace",
+        metavar="NS",
+        help=flag_help("ConfigMap/Service namespace", "namespace", "the pod's own, else default"),
+    )
+    run.add_argument("--listen", metavar="HOST:PORT", help=flag_help("proxy address", "listen"))
+    run.add_argument("--admin-listen", metavar="HOST:PORT", help=flag_help("admin address", "admin_listen"))
+    run.add_argument("--workers", metavar="N", type=int, help=flag_help("worker processes", "workers"))
     run.add_argument(
         "--drain-delay",
         metavar="SECONDS",
         type=float,
-        help="after SIGTERM, serve this long while not ready (SHARDGATE_DRAIN_DELAY, default 5)",
+        help=flag_help("after SIGTERM, serve this long while not ready", "drain_delay"),
     )
     run.add_argument(
         "--grace-timeout",
         metavar="SECONDS",
         type=float,
-        help="then wait this long for in-flight requests (SHARDGATE_GRACE_TIMEOUT, default 20)",
+        help=flag_help("then wait this long for in-flight requests", "grace_timeout"),
     )
-    run.add_argument("--log-level", metavar="LEVEL", help="log level (SHARDGATE_LOG_LEVEL, default INFO)")
+    run.add_argument("--log-level", metavar="LEVEL", help=flag_help("log level", "log_level"))
 
     demo = commands.add_parser("demo", help="local demo: 3 shard groups x 2 pods behind the gateway")
     demo.add_argument("--listen", metavar="HOST:PORT", help="proxy address (default 127.0.0.1:8080)")
@@ -59,19 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def log_level(flag: str | None, env: Mapping[str, str]) -> str:
-    """The level from the flag, else SHARDGATE_LOG_LEVEL, else INFO; ConfigError if unknown."""
-    level = (flag or env.get("SHARDGATE_LOG_LEVEL") or "INFO").strip().upper()
-    if level not in LOG_LEVELS:
-        raise ConfigError([f"SHARDGATE_LOG_LEVEL: {level!r} is not a log level ({', '.join(LOG_LEVELS)})"])
-    return level
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        level = log_level(args.log_level, os.environ)
-        fmt = log_format(os.environ)
-        settings = settings_from(
+        settings = load_settings(
             config_path=args.config,
             configmap=args.configmap,
             namespace=args.namespace,
@@ -80,12 +71,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             workers=args.workers,
             drain_delay=args.drain_delay,
             grace_timeout=args.grace_timeout,
+            log_level=args.log_level,
         )
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"shardgate run: {problem}", file=sys.stderr)
         return 2
-    configure_logging(level, fmt)
+    configure_logging(settings.log_level, settings.log_format)
     from gateway.app import run_gateway  # the data plane is only imported when it runs
 
     return run_gateway(settings)

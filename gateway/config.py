@@ -1,16 +1,15 @@
-"""Shard config (the YAML contract) and process settings (flags + environment).
+"""The shard config (the YAML contract).
 
 The shard config is validated with pydantic v2; every problem is reported as one line
-``field.path: reason`` so that an operator can find it in a ConfigMap at a glance.
+``field.path: reason`` so that an operator can find it in a ConfigMap at a glance. Process
+settings (flags and SHARDGATE_* variables) are in ``gateway.settings``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import yaml
@@ -22,6 +21,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+# The data plane imports its Limits from here (gateway/proxy); they live in gateway.limits.
+from gateway.limits import Limits as Limits
 
 # RFC 9110 token characters: what a method or a header field name may contain.
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -236,159 +238,3 @@ def load_shard_config(path: str) -> ShardConfig:
 def normalized_config(config: ShardConfig) -> dict[str, object]:
     """The canonical form the epoch digest is computed over (defaults filled, order kept)."""
     return config.model_dump(mode="json", exclude_none=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Process settings
-
-
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError([f"{name}: {raw!r} is not a number"]) from None
-    if value < 0:
-        raise ConfigError([f"{name}: must not be negative"])
-    return value
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()):
-        raise ConfigError([f"{name}: {raw!r} is not a non-negative integer"])
-    return int(raw)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Data-plane limits and timeouts (seconds); each has a SHARDGATE_* variable."""
-
-    max_header_bytes: int = 16 * 1024
-    max_body_bytes: int = 64 * 1024 * 1024
-    connect_timeout: float = 2.0
-    upstream_header_timeout: float = 30.0
-    client_header_timeout: float = 10.0
-    client_idle_timeout: float = 60.0
-    # Below the keep-alive timeout of common app servers (uvicorn 5 s, Node 5 s), so that the
-    # gateway, not the upstream, usually closes an idle connection.
-    upstream_idle_timeout: float = 4.0
-    max_idle_per_pod: int = 64
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Limits:
-        base = cls()
-        return cls(
-            max_header_bytes=_env_int(env, "SHARDGATE_MAX_HEADER_BYTES", base.max_header_bytes),
-            max_body_bytes=_env_int(env, "SHARDGATE_MAX_BODY_BYTES", base.max_body_bytes),
-            connect_timeout=_env_float(env, "SHARDGATE_CONNECT_TIMEOUT", base.connect_timeout),
-            upstream_header_timeout=_env_float(
-                env, "SHARDGATE_UPSTREAM_TIMEOUT", base.upstream_header_timeout
-            ),
-            client_header_timeout=_env_float(
-                env, "SHARDGATE_CLIENT_HEADER_TIMEOUT", base.client_header_timeout
-            ),
-            client_idle_timeout=_env_float(env, "SHARDGATE_CLIENT_IDLE_TIMEOUT", base.client_idle_timeout),
-            upstream_idle_timeout=_env_float(
-                env, "SHARDGATE_UPSTREAM_IDLE_TIMEOUT", base.upstream_idle_timeout
-            ),
-            max_idle_per_pod=_env_int(env, "SHARDGATE_MAX_IDLE_PER_POD", base.max_idle_per_pod),
-        )
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything `shardgate run` needs, from flags first and the environment second."""
-
-    config_path: str | None = None
-    configmap: str | None = None
-    namespace: str = "default"
-    listen: tuple[str, int] = ("0.0.0.0", 8080)
-    admin_listen: tuple[str, int] = ("0.0.0.0", 9090)
-    workers: int = 1
-    drain_delay: float = 5.0
-    grace_timeout: float = 20.0
-    config_poll_interval: float = 1.0
-    watch_timeout: float = 300.0  # server-side timeout of one Kubernetes watch call
-    watch_backoff_max: float = 30.0  # cap of the retry delay while the API server fails
-    limits: Limits = field(default_factory=Limits)
-
-
-def _pod_namespace() -> str | None:
-    try:
-        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as handle:
-            return handle.read().strip() or None
-    except OSError:
-        return None
-
-
-def settings_from(
-    *,
-    config_path: str | None = None,
-    configmap: str | None = None,
-    namespace: str | None = None,
-    listen: str | None = None,
-    admin_listen: str | None = None,
-    workers: int | None = None,
-    drain_delay: float | None = None,
-    grace_timeout: float | None = None,
-    env: Mapping[str, str] | None = None,
-) -> Settings:
-    """Merge command-line values (win) with SHARDGATE_* environment variables and defaults."""
-    env = os.environ if env is None else env
-    problems: list[str] = []
-
-    def address(value: str | None, name: str, default: str) -> tuple[str, int]:
-        text = value or env.get(name) or default
-        try:
-            return parse_host_port(text)
-        except ValueError as exc:
-            problems.append(f"{name}: {exc}")
-            return ("0.0.0.0", 0)
-
-    if not config_path and not configmap:  # a source given as a flag overrides both variables
-        config_path = env.get("SHARDGATE_CONFIG") or None
-        configmap = env.get("SHARDGATE_CONFIGMAP") or None
-    if config_path and configmap:
-        problems.append("config: give either --config or --configmap, not both")
-    if not config_path and not configmap:
-        problems.append("config: one of --config (SHARDGATE_CONFIG) or --configmap (SHARDGATE_CONFIGMAP)")
-    ns = namespace or env.get("SHARDGATE_NAMESPACE") or _pod_namespace() or "default"
-    listen_addr = address(listen, "SHARDGATE_LISTEN", "0.0.0.0:8080")
-    admin_addr = address(admin_listen, "SHARDGATE_ADMIN_LISTEN", "0.0.0.0:9090")
-    try:
-        worker_count = workers if workers is not None else _env_int(env, "SHARDGATE_WORKERS", 1)
-        if worker_count < 1:
-            problems.append("SHARDGATE_WORKERS: must be at least 1")
-        limits = Limits.from_env(env)
-        drain = drain_delay if drain_delay is not None else _env_float(env, "SHARDGATE_DRAIN_DELAY", 5.0)
-        grace = (
-            grace_timeout if grace_timeout is not None else _env_float(env, "SHARDGATE_GRACE_TIMEOUT", 20.0)
-        )
-        for name, value in (("--drain-delay", drain), ("--grace-timeout", grace)):
-            if value < 0:
-                problems.append(f"{name}: must not be negative")
-        watch_timeout = _env_float(env, "SHARDGATE_WATCH_TIMEOUT", 300.0)
-        backoff_max = _env_float(env, "SHARDGATE_WATCH_BACKOFF_MAX", 30.0)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        worker_count, limits, drain, grace, watch_timeout, backoff_max = 1, Limits(), 5.0, 20.0, 300.0, 30.0
-    if problems:
-        raise ConfigError(problems)
-    return Settings(
-        config_path=config_path,
-        configmap=configmap,
-        namespace=ns,
-        listen=listen_addr,
-        admin_listen=admin_addr,
-        workers=worker_count,
-        drain_delay=drain,
-        grace_timeout=grace,
-        watch_timeout=watch_timeout,
-        watch_backoff_max=backoff_max,
-        limits=limits,
-    )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from gateway.config import Settings
 from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
+from gateway.settings import Settings
 from gateway.topology import Topology, TopologyBuilder, TopologyHolder
 
 if TYPE_CHECKING:  # the kubernetes client costs ~36 MB of memory: imported only when used
     from gateway.discovery.kubernetes import KubernetesSource, WatchStatus
+
+CONFIG_POLL_INTERVAL = 1.0  # how often a config file is checked for changes (seconds)
 
 
 class ControlPlane:
@@ -25,11 +28,11 @@ class ControlPlane:
         self.source: StaticFileSource | KubernetesSource
         if settings.config_path is not None:
             self.source = StaticFileSource(
-                settings.config_path, self.builder, self.holder, self.metrics, settings.config_poll_interval
+                settings.config_path, self.builder, self.holder, self.metrics, CONFIG_POLL_INTERVAL
             )
             self.describe_source: Callable[[], dict[str, object]] = self.source.status.describe
         else:
-            from gateway.discovery.kubernetes import KubernetesSource, WatchTiming
+            from gateway.discovery.kubernetes import KubernetesSource, WatchTiming, load_api_client
 
             assert settings.configmap is not None
             kube = KubernetesSource(
@@ -38,6 +41,7 @@ class ControlPlane:
                 self.builder,
                 self.holder,
                 self.metrics,
+                api_factory=functools.partial(load_api_client, settings.service_account_dir),
                 timing=WatchTiming(
                     watch_timeout=settings.watch_timeout, backoff_max=settings.watch_backoff_max
                 ),

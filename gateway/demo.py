@@ -293,7 +293,8 @@ def banner(
 
 async def _run(listen: str | None, admin_listen: str | None) -> int:
     from gateway.app import Gateway
-    from gateway.config import ConfigError, settings_from
+    from gateway.config import ConfigError
+    from gateway.settings import load_settings
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -320,7 +321,7 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
             listen = listen or DEFAULT_LISTEN
             admin_listen = admin_listen or DEFAULT_ADMIN_LISTEN
             try:
-                settings = settings_from(config_path=str(cfg_path), listen=listen, admin_listen=admin_listen)
+                settings = load_settings(config_path=str(cfg_path), listen=listen, admin_listen=admin_listen)
             except ConfigError as exc:
                 for problem in exc.problems:
                     print(f"shardgate demo: {problem}", file=sys.stderr, flush=True)

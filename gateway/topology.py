@@ -164,6 +164,11 @@ class TopologyBuilder:
         """Whether ``config`` changes the ring (group set, weights, vnodes), not just pods."""
         return self._ring is None or self._ring_inputs_of(config) != self._ring_inputs
 
+    @classmethod
+    def same_ring(cls, a: ShardConfig, b: ShardConfig) -> bool:
+        """Whether a ring built for ``a`` is the ring of ``b`` too."""
+        return bool(cls._ring_inputs_of(a) == cls._ring_inputs_of(b))
+
     def build(
         self,
         config: ShardConfig,

@@ -6,49 +6,55 @@ plane. The supervisor sends each worker every new topology (the config plus the 
 discovery found), so all workers route with the same epoch and the API server sees one set
 of watches per replica. ``/metrics`` asks every worker for its counters and adds them up;
 ``/readyz`` is 200 only while every worker is up. Messages are JSON lines on the worker's
-stdin/stdout; a worker whose stdin closes (the supervisor died) drains and exits.
+stdin/stdout (``gateway.ipc``); the first one carries the worker's settings, flags included,
+so a worker reads no SHARDGATE_* variable. A worker builds a new ring in a thread, as the
+single process does, and keeps serving the snapshot in force meanwhile. On SIGTERM, or when
+its stdin closes (the supervisor died), a worker stops accepting, lets in-flight requests
+finish up to the grace timeout and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
+from pydantic import ValidationError
 
 from gateway.admin import AdminApp, AdminServer
-from gateway.config import Limits, Settings, ShardConfig, parse_host_port
 from gateway.control import ControlPlane
-from gateway.observability.logs import AccessLog, configure_logging, log_format
+from gateway.ipc import (
+    FROM_WORKER,
+    TO_WORKER,
+    Drain,
+    MetricsReply,
+    MetricsRequest,
+    Ready,
+    Start,
+    Stop,
+    TopologyUpdate,
+)
+from gateway.observability.logs import AccessLog, configure_logging
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import shutdown as shutdown_tracing
 from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.plane import DataPlane
-from gateway.topology import DiscoveredPod, Pod, PodState, Topology, TopologyBuilder, TopologyHolder
+from gateway.ring import ShardRing
+from gateway.settings import Settings, default_of
+from gateway.topology import Pod, Topology, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.workers")
 
 MESSAGE_LIMIT = 64 * 1024 * 1024  # a topology of thousands of pods is a few hundred KB
 RESTART_DELAY_MAX = 5.0
 SCRAPE_TIMEOUT = 2.0
-
-
-def topology_message(topology: Topology) -> dict[str, Any]:
-    pods = {
-        name: [[p.host, p.port, str(p.state), p.name] for p in group.pods]
-        for name, group in topology.groups.items()
-    }
-    return {"op": "topology", "config": topology.config.model_dump(mode="json"), "pods": pods}
 
 
 class WorkerProcess:
@@ -58,27 +64,27 @@ class WorkerProcess:
         self.index = index
         self.proc = proc
         self.ready = False
+        self.epoch: str | None = None  # the epoch it reported routing with (metrics replies)
         self.started = time.time()
-        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._ids = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[MetricsReply]] = {}
+        self._ids = 0
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
-    async def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Start | TopologyUpdate | MetricsRequest | Drain | Stop) -> None:
+        """Queue ``message`` on the worker's stdin (written in order; nothing waits for it)."""
         stdin = self.proc.stdin
-        if stdin is None or stdin.is_closing():
-            return
-        stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await stdin.drain()
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(message.encode())
 
-    async def ask(self, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-        ident = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    async def ask_metrics(self, timeout: float) -> MetricsReply | None:
+        self._ids += 1
+        ident = self._ids
+        future: asyncio.Future[MetricsReply] = asyncio.get_running_loop().create_future()
         self._replies[ident] = future
         try:
-            await self.send({**message, "id": ident})
+            self.send(MetricsRequest(id=ident))
             return await asyncio.wait_for(future, timeout)
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
             return None
         finally:
             self._replies.pop(ident, None)
@@ -86,18 +92,38 @@ class WorkerProcess:
     async def _read(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
-        while line := await stdout.readline():
+        while True:
             try:
-                message = json.loads(line)
-            except ValueError:
-                log.warning("worker %d said something that is not JSON: %r", self.index, line[:200])
+                line = await stdout.readline()
+            except ValueError:  # a line over MESSAGE_LIMIT: dropped by the reader
+                log.warning("worker %d sent a line over %d bytes; ignored", self.index, MESSAGE_LIMIT)
                 continue
-            if message.get("op") == "ready":
+            if not line:
+                break
+            try:
+                message = FROM_WORKER.validate_json(line)
+            except ValidationError as exc:
+                log.warning(
+                    "worker %d sent a message that is none of ours (%s): %r",
+                    self.index,
+                    _first_error(exc),
+                    line[:200],
+                )
+                continue
+            if isinstance(message, Ready):
                 self.ready = True
-            future = self._replies.get(message.get("id", 0))
-            if future is not None and not future.done():
-                future.set_result(message)
+            else:
+                self.epoch = message.epoch
+                future = self._replies.get(message.id)
+                if future is not None and not future.done():
+                    future.set_result(message)
         self.ready = False
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "(line)"
+    return f"{where}: {error['msg']}"
 
 
 class Supervisor:
@@ -119,9 +145,9 @@ class Supervisor:
 
     async def start(self) -> None:
         self.control.load_initial()
-        # Check what the workers will read from the environment before starting any of them.
+        # Workers take their settings from us; tracing they read from the OTEL_* environment
+        # they inherit: check it before starting any of them.
         shutdown_tracing(tracing_from_env(os.environ))
-        AccessLog.from_env(os.environ)
         self._reserve_port()
         admin = AdminApp(
             self.control.holder,
@@ -168,7 +194,6 @@ class Supervisor:
         delay = 0.2
         while not self.stopping:
             worker = await self._spawn(index)
-            self.workers[index] = worker
             code = await worker.proc.wait()
             await worker.reader
             self._retire(index)
@@ -190,30 +215,31 @@ class Supervisor:
             self._retired.merge(last)
 
     async def _spawn(self, index: int) -> WorkerProcess:
-        env = dict(os.environ)
-        env["SHARDGATE_LISTEN"] = f"{self._listen[0]}:{self._listen[1]}"
-        env["SHARDGATE_WORKER_INDEX"] = str(index)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "gateway.workers",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
             limit=MESSAGE_LIMIT,
         )
         worker = WorkerProcess(index, proc)
         topology = self.control.current
-        # Always a first message: the worker binds the port only after reading it.
-        await worker.send(topology_message(topology) if topology is not None else {"op": "no_topology"})
+        # The worker's settings are ours (flags included), on the port reserved for all workers.
+        # It binds only once it has read this; from here on it gets every topology swapped in
+        # (no await between reading the current one and joining the broadcast list).
+        settings = self.settings.model_copy(update={"listen": self._listen})
+        update = TopologyUpdate.of(topology) if topology is not None else None
+        worker.send(Start(index=index, settings=settings, topology=update))
+        self.workers[index] = worker
         return worker
 
     def _broadcast(self, topology: Topology) -> None:
-        message = topology_message(topology)
+        message = TopologyUpdate.of(topology)
         for worker in self.workers:
             if worker is not None:
-                asyncio.get_running_loop().create_task(worker.send(message))
+                worker.send(message)
 
     # -- admin hooks ---------------------------------------------------------------------------
 
@@ -226,10 +252,10 @@ class Supervisor:
         last answer, and a dead worker's last answer stays in the sum (``_retired``), so the
         summed counters never go down, which Prometheus would take for a reset."""
         live = [w for w in self.workers if w is not None and w.ready]
-        replies = await asyncio.gather(*(w.ask({"op": "metrics"}, SCRAPE_TIMEOUT) for w in live))
+        replies = await asyncio.gather(*(w.ask_metrics(SCRAPE_TIMEOUT) for w in live))
         for worker, reply in zip(live, replies, strict=True):
             if reply is not None:
-                self._last_counters[worker.index] = reply["data"]
+                self._last_counters[worker.index] = reply.data
         self.metrics.reset_data_plane()
         self.metrics.merge(self._retired.snapshot())
         for snapshot in self._last_counters.values():
@@ -238,7 +264,7 @@ class Supervisor:
         for reply in replies:
             if reply is None:
                 continue
-            for group, address, *stats in reply["pods"]:
+            for group, address, *stats in reply.pods:
                 before = pod_stats.get((group, address), (0, 0, 0))
                 pod_stats[(group, address)] = (
                     before[0] + stats[0],
@@ -250,7 +276,12 @@ class Supervisor:
 
     def _describe_workers(self) -> list[dict[str, object]]:
         return [
-            {"index": i, "pid": w.proc.pid if w else None, "ready": bool(w and w.ready)}
+            {
+                "index": i,
+                "pid": w.proc.pid if w else None,
+                "ready": bool(w and w.ready),
+                "epoch": w.epoch if w else None,  # as of its last metrics reply
+            }
             for i, w in enumerate(self.workers)
         ]
 
@@ -260,7 +291,7 @@ class Supervisor:
         self.draining = True
         for worker in self.workers:
             if worker is not None:
-                asyncio.get_running_loop().create_task(worker.send({"op": "drain"}))
+                worker.send(Drain())
 
     async def stop(self) -> None:
         """Every worker drains (stops accepting, finishes in-flight requests up to the grace
@@ -269,7 +300,8 @@ class Supervisor:
         self.stopping = True
         grace = self.settings.grace_timeout
         workers = [w for w in self.workers if w is not None]
-        await asyncio.gather(*(w.send({"op": "stop", "grace": grace}) for w in workers))
+        for worker in workers:
+            worker.send(Stop(grace=grace))
         waits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=grace + 5)
@@ -302,91 +334,186 @@ class Supervisor:
 # -- the worker process ----------------------------------------------------------------------
 
 
+class TopologyUpdates:
+    """Applies topology messages in the order received, without stalling the event loop.
+
+    A message that keeps the ring (pods, routing) is applied at once, on the loop (a snapshot of
+    64 groups x 16 pods takes ~2 ms). For one that changes the ring, the ring is built in a
+    thread first (~0.15 s at 64 groups) while the current snapshot keeps serving. Messages that
+    arrive meanwhile wait, and only the newest of them is applied (each message is a whole
+    topology, so it supersedes the ones before): with the ring just built if that ring is its
+    ring too, else after building its own.
+    """
+
+    def __init__(self, builder: TopologyBuilder, holder: TopologyHolder) -> None:
+        self._builder = builder
+        self._holder = holder
+        self._waiting: TopologyUpdate | None = None
+        self._building: asyncio.Task[None] | None = None
+        self.rings_built_off_loop = 0
+
+    @property
+    def building(self) -> bool:
+        return self._building is not None
+
+    def submit(self, update: TopologyUpdate) -> None:
+        if self._building is None and not self._builder.needs_ring(update.config):
+            self._swap(update, None)
+            return
+        self._waiting = update
+        if self._building is None:
+            self._building = asyncio.get_running_loop().create_task(self._build_then_swap())
+
+    def apply_now(self, update: TopologyUpdate) -> None:
+        """Before the worker serves anything: build whatever it takes right here."""
+        self._swap(update, None)
+
+    async def settled(self) -> None:
+        """Return once every message submitted so far is applied."""
+        while self._building is not None:
+            await asyncio.shield(self._building)
+
+    async def _build_then_swap(self) -> None:
+        try:
+            while (update := self._waiting) is not None:
+                ring = None
+                if self._builder.needs_ring(update.config):
+                    ring = await asyncio.to_thread(ShardRing, update.config)
+                    self.rings_built_off_loop += 1
+                    newest = self._waiting
+                    if newest is not update:
+                        assert newest is not None  # only this task clears it
+                        if not TopologyBuilder.same_ring(newest.config, update.config):
+                            continue  # superseded by a topology with another ring (or the old one)
+                        update = newest
+                self._waiting = None
+                self._swap(update, ring)
+        except Exception:  # the snapshot in force stays; the next message may fare better
+            log.exception("could not apply a topology")
+            self._waiting = None
+        finally:
+            self._building = None
+
+    def _swap(self, update: TopologyUpdate, ring: ShardRing | None) -> None:
+        self._holder.swap(self._builder.build(update.config, update.pods, ring))
+
+
 class Worker:
-    def __init__(self, listen: tuple[str, int], env: Mapping[str, str]) -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.metrics = Metrics()
         self.holder = TopologyHolder(log_changes=False)  # the supervisor logs epoch changes once
         self.builder = TopologyBuilder()
+        self.updates = TopologyUpdates(self.builder, self.holder)
         self.data = DataPlane(
-            listen,
-            Limits.from_env(env),
+            settings.listen,
+            settings.limits,
             self.holder,
             self.metrics,
             reuse_port=True,
-            tracing=tracing_from_env(env),
-            access_log=AccessLog.from_env(env),
+            tracing=tracing_from_env(os.environ),  # OTEL_*, inherited from the supervisor
+            access_log=AccessLog(settings.access_log, settings.slow_request_seconds),
         )
 
-    def apply(self, message: dict[str, Any]) -> None:
-        config = ShardConfig.model_validate(message["config"])
-        discovered = {
-            group: [DiscoveredPod(host, port, PodState(state), name) for host, port, state, name in pods]
-            for group, pods in message["pods"].items()
-        }
-        self.holder.swap(self.builder.build(config, discovered))
-
-    def metrics_reply(self) -> dict[str, Any]:
+    def metrics_reply(self, ident: int) -> MetricsReply:
         topology = self.holder.current
         pods: list[Pod] = [p for g in topology.groups.values() for p in g.pods] if topology else []
-        return {
-            "op": "metrics",
-            "data": self.metrics.snapshot(),
-            "pods": [[p.group, p.address, *self.data.pod_stats(p)] for p in pods],
-        }
+        return MetricsReply(
+            id=ident,
+            epoch=topology.epoch if topology else None,
+            data=self.metrics.snapshot(),
+            pods=[(p.group, p.address, *self.data.pod_stats(p)) for p in pods],
+        )
+
+    async def serve(self, reader: asyncio.StreamReader, say: Callable[[Ready | MetricsReply], None]) -> float:
+        """Handle the supervisor's messages until told to stop, SIGTERM, or the supervisor is
+        gone (stdin closed); returns the grace timeout to stop with."""
+        terminated = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, terminated.set)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+        stop = asyncio.ensure_future(terminated.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(_read_line(reader))
+                await asyncio.wait([read, stop], return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    log.info("SIGTERM: stopping")
+                    return self.settings.grace_timeout
+                line = read.result()
+                if line is None:
+                    continue
+                if not line:
+                    log.warning("the supervisor is gone: stopping")
+                    return self.settings.grace_timeout
+                message = _parse(line)
+                if isinstance(message, TopologyUpdate):
+                    self.updates.submit(message)
+                elif isinstance(message, MetricsRequest):
+                    say(self.metrics_reply(message.id))
+                elif isinstance(message, Drain):
+                    self.data.begin_drain()
+                elif isinstance(message, Stop):
+                    return self.settings.grace_timeout if message.grace is None else message.grace
+                elif message is not None:
+                    log.warning("ignoring a second %r message", message.op)
+        finally:
+            stop.cancel()
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next line (b"" at EOF), or None for one over MESSAGE_LIMIT (dropped)."""
+    try:
+        return await reader.readline()
+    except ValueError:
+        log.warning("the supervisor sent a line over %d bytes; ignored", MESSAGE_LIMIT)
+        return None
+
+
+def _parse(line: bytes) -> Start | TopologyUpdate | MetricsRequest | Drain | Stop | None:
+    try:
+        return TO_WORKER.validate_json(line)
+    except ValidationError as exc:
+        log.warning("ignoring a message that is none of ours (%s): %r", _first_error(exc), line[:200])
+        return None
+
+
+async def _wait_for_start(reader: asyncio.StreamReader) -> Start | None:
+    """The supervisor's first message (others before it are logged and skipped); None at EOF."""
+    while (line := await _read_line(reader)) != b"":
+        message = _parse(line) if line is not None else None
+        if isinstance(message, Start):
+            return message
+        if message is not None:
+            log.warning("ignoring %r before the start message", message.op)
+    return None
 
 
 async def worker_main() -> int:
     loop = asyncio.get_running_loop()
-    env = os.environ
-    listen = parse_host_port(env["SHARDGATE_LISTEN"])
-    worker = Worker(listen, env)
-
     reader = asyncio.StreamReader(limit=MESSAGE_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    start = await _wait_for_start(reader)
+    if start is None:
+        return 0
+    settings = start.settings
+    _configure_logging(settings.log_level, settings.log_format, str(start.index))
+    worker = Worker(settings)
     # The kernel hands a listening SO_REUSEPORT socket its share of new connections at once:
     # bind only with the topology in hand, or every one of them would get 503 not_ready.
-    first = await reader.readline()
-    if not first:
-        return 0
-    message = json.loads(first)
-    if message.get("op") == "topology":
-        worker.apply(message)
+    if start.topology is not None:
+        worker.updates.apply_now(start.topology)
     await worker.data.start()
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout)
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
-    def say(message: dict[str, Any]) -> None:
-        writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    def say(message: Ready | MetricsReply) -> None:
+        writer.write(message.encode())
 
-    stop_grace: float | None = None
-    terminated = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, terminated.set)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
-    say({"op": "ready", "pid": os.getpid()})
-    while stop_grace is None:
-        read = asyncio.ensure_future(reader.readline())
-        stop = asyncio.ensure_future(terminated.wait())
-        await asyncio.wait([read, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not read.done():
-            read.cancel()
-            stop_grace = float(env.get("SHARDGATE_GRACE_TIMEOUT") or 20)
-            break
-        stop.cancel()
-        line = read.result()
-        if not line:  # the supervisor is gone: drain and leave
-            stop_grace = float(env.get("SHARDGATE_GRACE_TIMEOUT") or 20)
-            break
-        message = json.loads(line)
-        op = message.get("op")
-        if op == "topology":
-            worker.apply(message)
-        elif op == "metrics":
-            say({**worker.metrics_reply(), "id": message.get("id")})
-        elif op == "drain":
-            worker.data.begin_drain()
-        elif op == "stop":
-            stop_grace = float(message.get("grace", 20))
-    await worker.data.stop(stop_grace)
+    say(Ready(pid=os.getpid()))
+    grace = await worker.serve(reader, say)
+    await worker.data.stop(grace)
     return 0
 
 
@@ -402,14 +529,18 @@ class _WorkerTag(logging.Filter):
         return True
 
 
-def main() -> int:
-    env = os.environ
-    # stdout is the pipe to the supervisor: logs go to stderr. The supervisor checked the values.
-    configure_logging(env.get("SHARDGATE_LOG_LEVEL", "INFO").upper(), log_format(env), sys.stderr)
+def _configure_logging(level: str, fmt: str, index: str) -> None:
+    # stdout is the pipe to the supervisor: logs go to stderr.
+    configure_logging(level, fmt, sys.stderr)
     # On the handler: a logger's own filters do not see records from its child loggers.
-    tag = _WorkerTag(env.get("SHARDGATE_WORKER_INDEX", "?"))
+    tag = _WorkerTag(index)
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)
+
+
+def main() -> int:
+    # Until the start message brings the supervisor's settings: the defaults.
+    _configure_logging(default_of("log_level"), default_of("log_format"), "?")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(worker_main())
 

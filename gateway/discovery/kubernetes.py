@@ -20,14 +20,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from gateway.config import ShardConfig
+from gateway.config import ConfigError, ShardConfig
 from gateway.discovery.source import ConfigApplier, ConfigStatus
 from gateway.observability.metrics import Metrics
+from gateway.settings import SERVICE_ACCOUNT_DIR
 from gateway.topology import DiscoveredPod, PodState, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.discovery")
@@ -37,13 +41,20 @@ CONFIG_KEY = "shards.yaml"
 RawObject = dict[str, Any]
 
 
-def load_api_client() -> client.ApiClient:
-    """In-cluster service account inside a pod, else KUBECONFIG / ~/.kube/config, like kubectl."""
+def load_api_client(service_account_dir: str = SERVICE_ACCOUNT_DIR) -> client.ApiClient:
+    """In a pod (``KUBERNETES_SERVICE_HOST`` set) the service account's token and CA from
+    ``service_account_dir``, else KUBECONFIG / ~/.kube/config, like kubectl."""
     configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration)
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            directory = Path(service_account_dir)
+            InClusterConfigLoader(
+                token_filename=str(directory / "token"), cert_filename=str(directory / "ca.crt")
+            ).load_and_set(configuration)
+        else:
+            config.load_kube_config(client_configuration=configuration)
+    except ConfigException as exc:
+        raise ConfigError([f"kubernetes credentials: {exc}"]) from None
     return client.ApiClient(configuration)
 
 

@@ -2,9 +2,9 @@
 
 The access log is a policy, not a stream of every request: by default only failed (5xx) and
 slow requests are logged, so a healthy gateway at 30k requests/s writes nothing per request.
-``SHARDGATE_ACCESS_LOG``: ``errors`` (default), ``all``, ``off``, or a sampling ratio such as
-``0.01`` (that share of all requests, plus every failed or slow one).
-``SHARDGATE_SLOW_REQUEST_SECONDS`` (default 1) sets what "slow" means.
+The mode (``SHARDGATE_ACCESS_LOG``: ``errors``, ``all``, ``off``, or a sampling ratio such as
+``0.01``: that share of all requests, plus every failed or slow one) and what "slow" means
+(``SHARDGATE_SLOW_REQUEST_SECONDS``) are process settings (``gateway.settings``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import json
 import logging
 import random
 import sys
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO
 
-from gateway.config import ConfigError
+from gateway.settings import default_of
 
 # LogRecord attributes that are ours (passed with ``extra=``) and belong in the JSON object.
 CONTEXT_FIELDS = (
@@ -67,19 +66,18 @@ def configure_logging(level: str, fmt: str = "json", stream: IO[str] | None = No
     root.setLevel(level)
 
 
-def log_format(env: Mapping[str, str]) -> str:
-    fmt = (env.get("SHARDGATE_LOG_FORMAT") or "json").strip().lower()
-    if fmt not in ("json", "text"):
-        raise ConfigError([f"SHARDGATE_LOG_FORMAT: {fmt!r} is not json or text"])
-    return fmt
-
-
 class AccessLog:
     """Decides, per finished request, whether it is logged; cheap when the answer is no."""
 
     __slots__ = ("enabled", "everything", "logger", "ratio", "sampling", "slow")
 
-    def __init__(self, mode: str = "errors", slow_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        mode: str = default_of("access_log"),
+        slow_seconds: float = default_of("slow_request_seconds"),
+    ) -> None:
+        """``mode`` and ``slow_seconds`` as the settings validated them (``access_log``,
+        ``slow_request_seconds``); the defaults are theirs too."""
         self.logger = logging.getLogger("shardgate.access")
         self.slow = slow_seconds
         self.everything = mode == "all"
@@ -89,25 +87,6 @@ class AccessLog:
             self.ratio = float(mode)
         # Whether a fast request that succeeded may be logged at all (the hot path asks this).
         self.sampling = self.everything or self.ratio > 0.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> AccessLog:
-        mode = (env.get("SHARDGATE_ACCESS_LOG") or "errors").strip().lower()
-        if mode not in ("all", "off", "errors"):
-            try:
-                ratio = float(mode)
-            except ValueError:
-                raise ConfigError(
-                    [f"SHARDGATE_ACCESS_LOG: {mode!r} is not all, errors, off or a ratio"]
-                ) from None
-            if not 0.0 <= ratio <= 1.0:
-                raise ConfigError([f"SHARDGATE_ACCESS_LOG: ratio {ratio} is not between 0 and 1"])
-        raw_slow = env.get("SHARDGATE_SLOW_REQUEST_SECONDS") or "1"
-        try:
-            slow = float(raw_slow)
-        except ValueError:
-            raise ConfigError([f"SHARDGATE_SLOW_REQUEST_SECONDS: {raw_slow!r} is not a number"]) from None
-        return cls(mode, slow)
 
     def wants(self, status: int, seconds: float) -> bool:
         if not self.enabled:

@@ -4,8 +4,8 @@ Every kustomization is rendered with ``kubectl kustomize`` and every object is v
 kubernetes-validate in strict mode (unknown fields rejected) against the oldest Kubernetes minor
 version the manifests support and the newest one the package knows. The rest checks the
 manifests against the code rather than against copies of it: the Role against the API calls of
-gateway/discovery/kubernetes.py, env names against the SHARDGATE_* names the gateway reads (and
-``settings_from`` on the manifest's environment), probe paths against the admin routes, the
+gateway/discovery/kubernetes.py, env names against the SHARDGATE_* names of the settings model (and
+the settings loaded from the manifest's environment), probe paths against the admin routes, the
 ConfigMap against ``shardgate validate``, and the example shard groups against the ConfigMap.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import ShardConfig, parse_shard_config, settings_from
+from gateway.config import ShardConfig, parse_shard_config
 from gateway.discovery.kubernetes import CONFIG_KEY
+from gateway.settings import Settings, env_name, load_settings
 from tests.deploy.conftest import (
     DEPLOY,
     NAMESPACE,
@@ -90,11 +92,18 @@ def shard_config(rendered: Rendered) -> ShardConfig:
 
 
 def gateway_env_names() -> set[str]:
-    """Every SHARDGATE_* name that appears as a string in the gateway's code."""
-    names: set[str] = set()
-    for path in (REPO_ROOT / "gateway").rglob("*.py"):
-        names.update(re.findall(r"[\"'](SHARDGATE_[A-Z0-9_]+)[\"']", path.read_text()))
-    return names
+    """Every SHARDGATE_* variable the gateway reads: one per field of its settings model."""
+    return {env_name(field) for field in Settings.model_fields}
+
+
+def settings_from_env(spec: dict[str, Any]) -> Settings:
+    """The settings ``shardgate run`` loads in the container (raises ConfigError on a bad value)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("SHARDGATE_")]:
+            patch.delenv(name)
+        for name, value in env_of(spec).items():
+            patch.setenv(name, value)
+        return load_settings()
 
 
 def admin_routes() -> set[str]:
@@ -296,7 +305,7 @@ def test_namespace_comes_from_the_downward_api(rendered: Rendered) -> None:
 
 def test_settings_from_the_manifest_env_match_the_ports(rendered: Rendered) -> None:
     spec = container(gateway_deployment(rendered), GATEWAY)
-    settings = settings_from(env=env_of(spec))  # raises ConfigError on any bad value
+    settings = settings_from_env(spec)  # raises ConfigError on any bad value
     assert settings.configmap == CONFIGMAP and settings.config_path is None
     assert settings.namespace == NAMESPACE
     assert settings.listen == ("0.0.0.0", container_port(spec, "http")) == ("0.0.0.0", 8080)
@@ -307,7 +316,7 @@ def test_settings_from_the_manifest_env_match_the_ports(rendered: Rendered) -> N
 
 def test_probes_hit_admin_routes_on_the_admin_port(rendered: Rendered) -> None:
     spec = container(gateway_deployment(rendered), GATEWAY)
-    settings = settings_from(env=env_of(spec))
+    settings = settings_from_env(spec)
     routes = admin_routes()
     expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
     for probe_name, path in expected.items():
@@ -321,7 +330,7 @@ def test_probes_hit_admin_routes_on_the_admin_port(rendered: Rendered) -> None:
 def test_termination_grace_covers_prestop_drain_and_grace(rendered: Rendered) -> None:
     deployment = gateway_deployment(rendered)
     spec = container(deployment, GATEWAY)
-    settings = settings_from(env=env_of(spec))
+    settings = settings_from_env(spec)
     pre_stop = spec.get("lifecycle", {}).get("preStop", {})
     assert "exec" not in pre_stop, "the image has no shell or sleep binary: use lifecycle.preStop.sleep"
     sleep = int(pre_stop.get("sleep", {}).get("seconds", 0))
@@ -408,7 +417,7 @@ def test_services_split_traffic_and_metrics(rendered: Rendered) -> None:
     deployment = gateway_deployment(rendered)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     spec = container(deployment, GATEWAY)
-    settings = settings_from(env=env_of(spec))
+    settings = settings_from_env(spec)
     traffic = rendered.one("Service", GATEWAY, BASE)
     metrics = rendered.one("Service", METRICS_SERVICE, BASE)
     for service in (traffic, metrics):

@@ -324,7 +324,9 @@ class GatewayFactory:
         env: Mapping[str, str] | None = None,
         reads: str = "any",
         vnodes: int = 160,
+        args: Sequence[str] = (),
     ) -> Gateway:
+        """``args``: more ``shardgate run`` flags."""
         text = config if isinstance(config, str) else render_config(config, reads=reads, vnodes=vnodes)
         self._count += 1
         workdir = self.directory / f"gw{self._count}"
@@ -333,7 +335,7 @@ class GatewayFactory:
         config_path.write_text(text)
         last_error = ""
         for _attempt in range(3):
-            gateway = self._spawn(workdir, config_path, env or {})
+            gateway = self._spawn(workdir, config_path, env or {}, args)
             problem = self._wait_ready(gateway)
             if problem is None:
                 self.started.append(gateway)
@@ -344,7 +346,9 @@ class GatewayFactory:
                 break
         raise AssertionError(f"gateway did not become ready: {last_error}")
 
-    def _spawn(self, workdir: Path, config_path: Path, env: Mapping[str, str]) -> Gateway:
+    def _spawn(
+        self, workdir: Path, config_path: Path, env: Mapping[str, str], args: Sequence[str] = ()
+    ) -> Gateway:
         port, admin_port = free_port(), free_port()
         while admin_port == port:
             admin_port = free_port()
@@ -366,6 +370,7 @@ class GatewayFactory:
                     f"127.0.0.1:{port}",
                     "--admin-listen",
                     f"127.0.0.1:{admin_port}",
+                    *args,
                 ],
                 cwd=REPO_ROOT,
                 env=full_env,

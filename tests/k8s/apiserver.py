@@ -38,7 +38,11 @@ client) uses, so code under test can be pointed at it through an ordinary kubeco
 change (create, update, delete) takes the next value. A put that changes nothing is a no-op (no
 new version, no event), as on the real server. Errors are ``Status`` objects with the real
 ``reason`` for their code. Requests need ``Authorization: Bearer <token>`` when
-``require_auth`` (the default): the kubeconfig written by ``kubeconfig()`` carries it.
+``require_auth`` (the default; the scheme is case-insensitive, as in RFC 7235 and the real
+server, and the in-cluster loader of the Python client sends ``bearer``): the kubeconfig
+written by ``kubeconfig()`` carries it; anything else gets ``401 Unauthorized``. With an
+``ssl_context`` (a server certificate loaded) it serves HTTPS instead of plain HTTP, as a
+real API server does for a pod's service account.
 
 The server runs on its own event loop in a daemon thread, so blocking test code, other threads
 and other processes can all use it. Every control method (``put_*``, ``delete_*``,
@@ -62,6 +66,7 @@ import contextlib
 import copy
 import json
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -372,6 +377,7 @@ class FakeApiServer:
         token: str = DEFAULT_TOKEN,
         require_auth: bool = True,
         start_version: int = 1000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
@@ -382,6 +388,7 @@ class FakeApiServer:
         self.default_watch_timeout = default_watch_timeout
         self.token = token
         self.require_auth = require_auth
+        self.ssl_context = ssl_context  # None: plain HTTP
 
         self._lock = threading.Lock()
         self._rv = start_version
@@ -437,10 +444,12 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
-        """Write a kubeconfig (cluster ``http://HOST:PORT``, bearer token user, current-context)."""
+        """Write a kubeconfig (cluster ``url``, bearer token user, current-context); it carries no
+        CA, so it is for the plain-HTTP double."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         config = {
@@ -742,7 +751,7 @@ class FakeApiServer:
 
     async def _listen(self, port: int) -> None:
         assert self._runner is not None
-        site = web.TCPSite(self._runner, self.host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         self._site = site
         self._port = site.port
@@ -837,12 +846,16 @@ class FakeApiServer:
             headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after is not None else None
             body = status_object(failure.status, failure.message, failure.reason)
             return self._json(body, status=failure.status, headers=headers)
-        if self.require_auth and request.headers.get("Authorization") != f"Bearer {self.token}":
+        if self.require_auth and not self._authorized(request.headers.get("Authorization")):
             return self._status(401, "Unauthorized")
         if request.method not in ("GET", "HEAD") and family != "other":
             return self._status(405, "the server does not allow this method on the requested resource")
         response: web.StreamResponse = await handler(request)
         return response
+
+    def _authorized(self, header: str | None) -> bool:
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and token == self.token
 
     def _take_failure(self, verb: str) -> _Failure | None:
         """Consume one matching injected failure. Caller holds the lock."""

@@ -334,10 +334,18 @@ class GatewayFactory:
         self.started: list[GatewayProcess] = []
 
     def __call__(
-        self, *, watch_timeout: float = 30.0, ready: bool = True, env: Mapping[str, str] | None = None
+        self,
+        *,
+        watch_timeout: float = 30.0,
+        ready: bool = True,
+        env: Mapping[str, str] | None = None,
+        namespace: str | None = NS,
+        kubeconfig: bool = True,
     ) -> GatewayProcess:
+        """``namespace`` None: no ``--namespace`` flag; ``kubeconfig`` False: no ``KUBECONFIG``
+        (for a test that gives in-cluster credentials in ``env``)."""
         for _attempt in range(3):
-            gateway = self._spawn(watch_timeout, env or {})
+            gateway = self._spawn(watch_timeout, env or {}, namespace, kubeconfig)
             problem = self._wait_up(gateway, ready)
             if problem is None:
                 self.started.append(gateway)
@@ -347,7 +355,9 @@ class GatewayFactory:
                 break
         raise AssertionError(f"gateway did not start: {problem}")
 
-    def _spawn(self, watch_timeout: float, extra: Mapping[str, str]) -> GatewayProcess:
+    def _spawn(
+        self, watch_timeout: float, extra: Mapping[str, str], namespace: str | None, kubeconfig: bool
+    ) -> GatewayProcess:
         listen, admin = free_port(), free_port()
         while admin == listen:
             admin = free_port()
@@ -362,6 +372,8 @@ class GatewayFactory:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if not kubeconfig:
+            del env["KUBECONFIG"]
         env.update(extra)
         log_path = self.directory / f"gateway-{listen}.log"
         with open(log_path, "wb") as log:
@@ -373,8 +385,7 @@ class GatewayFactory:
                     "run",
                     "--configmap",
                     CONFIGMAP,
-                    "--namespace",
-                    NS,
+                    *(["--namespace", namespace] if namespace is not None else []),
                     "--listen",
                     f"127.0.0.1:{listen}",
                     "--admin-listen",

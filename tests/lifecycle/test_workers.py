@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,15 +180,17 @@ def test_a_starting_worker_takes_no_request_before_it_has_a_topology(
     """The supervisor's side of the pipe, played by the test, so the moment is exact: the
     worker has read half of its first topology message and waits for the rest."""
     from gateway.config import ShardConfig
+    from gateway.ipc import Start, TopologyUpdate
+    from gateway.settings import Settings
     from gateway.topology import TopologyBuilder
-    from gateway.workers import topology_message
 
     pod = upstreams("g-a", "a-1")
     config = ShardConfig.model_validate(config_document([group_of("g-a", [pod.address])]))
-    message = json.dumps(topology_message(TopologyBuilder().build(config))).encode() + b"\n"
     port = free_port()
+    settings = Settings.model_validate({"config_path": "shards.yaml", "listen": f"127.0.0.1:{port}"})
+    topology = TopologyUpdate.of(TopologyBuilder().build(config))
+    message = Start(index=0, settings=settings, topology=topology).encode()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
-    env.update({"SHARDGATE_LISTEN": f"127.0.0.1:{port}", "SHARDGATE_WORKER_INDEX": "0"})
     with open(tmp_path / "worker.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.workers"],
@@ -252,3 +255,93 @@ def test_a_data_port_held_by_another_program_fails_the_start(workers: str) -> No
         )  # fmt: skip
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "cannot start" in result.stdout and "in use" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.timeout(90)
+def test_readyz_is_503_while_a_worker_is_down_and_200_again_after_its_restart(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    gw = static_gateways([group_of("g-a", [pod.address])], env={"SHARDGATE_WORKERS": "2"})
+    assert readyz(gw.admin_port) == 200
+    victim = worker_pids(gw)[0]  # worker 0
+    os.kill(victim, signal.SIGKILL)
+    answers: list[tuple[int, str]] = []
+
+    def not_ready() -> bool:
+        status, _, body = gw.admin_get("/readyz", timeout=5)
+        answers.append((status, json.loads(body).get("status", "")))
+        return status == 503
+
+    assert wait_for(not_ready, timeout=15, interval=0.005), answers[-5:]
+    assert answers[-1] == (503, "workers not ready: [0]"), answers[-1]
+    assert wait_for(lambda: readyz(gw.admin_port) == 200, timeout=30), gw.log_tail()
+    assert gw.metric("shardgate_worker_restarts_total") == 1
+    restarted = worker_pids(gw)
+    assert len(restarted) == 2 and victim not in restarted, restarted
+    assert one_request(gw.port, "GET", "/orders", "k").status == 200
+
+
+GRACE_FLAG = 1.0  # --grace-timeout; SHARDGATE_GRACE_TIMEOUT is unset, so a worker that ignores the
+# flag waits the default 20 s. Each outcome below is due long before that.
+CUT_DEADLINE = 10.0
+
+
+def held_request(gw: Gateway, pod: Any, key: str) -> tuple[Background, int]:
+    """A request the upstream never answers, in flight through one worker; (its result, the pid
+    of the worker holding the client connection)."""
+    conn = TrackedConn(gw.port, timeout=60)  # a read that outlasts a 20 s grace
+    peer = int(conn.sock.getsockname()[1])
+    held = Background(lambda: conn.request("GET", "/hold?gate=never", key), name="held")
+    assert wait_for(lambda: len(pod.hits(lambda h: h.path == "/hold")) == 1), "the request never got upstream"
+    holders = [pid for pid in worker_pids(gw) if established_on(pid, gw.port, {peer})]
+    assert len(holders) == 1, holders
+    return held, holders[0]
+
+
+def assert_cut_after_the_grace(held: Background, since: float) -> None:
+    with pytest.raises(ConnectionFailed):
+        held.result(CUT_DEADLINE)  # concurrent.futures.TimeoutError if still held: the test fails
+    # Not cut at once either: in-flight requests get their grace.
+    assert time.monotonic() - since >= GRACE_FLAG - 0.05
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_sent_sigterm_honours_the_grace_timeout_flag(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    gw = static_gateways(
+        [group_of("g-a", [pod.address])],
+        env={"SHARDGATE_WORKERS": "2", "SHARDGATE_GRACE_TIMEOUT": ""},
+        args=["--grace-timeout", str(GRACE_FLAG)],
+    )
+    held, worker = held_request(gw, pod, "user-1")
+    sigterm = time.monotonic()
+    os.kill(worker, signal.SIGTERM)
+    assert_cut_after_the_grace(held, sigterm)
+    assert wait_for(lambda: pid_gone(worker), timeout=CUT_DEADLINE), "the worker did not exit"
+    # The supervisor restarts it; the replica serves on.
+    assert wait_for(lambda: gw.metric("shardgate_workers_ready") == 2, timeout=30), gw.log_tail()
+    assert one_request(gw.port, "GET", "/orders", "user-1").status == 200
+
+
+@pytest.mark.timeout(90)
+def test_workers_whose_supervisor_is_gone_honour_the_grace_timeout_flag(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    gw = static_gateways(
+        [group_of("g-a", [pod.address])],
+        env={"SHARDGATE_WORKERS": "2", "SHARDGATE_GRACE_TIMEOUT": ""},
+        args=["--grace-timeout", str(GRACE_FLAG)],
+    )
+    workers = worker_pids(gw)
+    held, _ = held_request(gw, pod, "user-1")
+    gw.expect_exit = True
+    killed = time.monotonic()
+    gw.proc.kill()  # SIGKILL: the supervisor cannot tell its workers; their stdin closes
+    assert_cut_after_the_grace(held, killed)
+    assert wait_for(lambda: all(pid_gone(p) for p in workers), timeout=CUT_DEADLINE), [
+        p for p in workers if not pid_gone(p)
+    ]

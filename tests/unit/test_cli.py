@@ -19,8 +19,9 @@ import yaml
 from uhashring import HashRing
 
 from gateway import cli, offline
-from gateway.config import Settings, ShardConfig, parse_shard_config
+from gateway.config import ShardConfig, parse_shard_config
 from gateway.ring import config_epoch
+from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Shard config validation (every rule, with its field path) and process settings."""
+"""Shard config validation (every rule, with its field path)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import config as config_module
 from gateway.config import (
     ConfigError,
-    Limits,
     load_shard_config,
     parse_host_port,
     parse_shard_config,
-    settings_from,
 )
 
 BASE: dict[str, Any] = {
@@ -468,144 +465,6 @@ def test_config_is_immutable() -> None:
         config.ring.vnodes = 7  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------------------------------------
-# settings_from
-
-
-@pytest.fixture(autouse=True)
-def _outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_module, "_pod_namespace", lambda: None)
-
-
-def settings_problems(**kwargs: Any) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        settings_from(**kwargs)
-    return caught.value.problems
-
-
-def test_settings_defaults() -> None:
-    settings = settings_from(config_path="shards.yaml", env={})
-    assert settings.config_path == "shards.yaml"
-    assert settings.configmap is None
-    assert settings.namespace == "default"
-    assert settings.listen == ("0.0.0.0", 8080)
-    assert settings.admin_listen == ("0.0.0.0", 9090)
-    assert settings.workers == 1
-    assert (settings.drain_delay, settings.grace_timeout) == (5.0, 20.0)
-    assert settings.limits == Limits()
-
-
-def test_settings_from_environment() -> None:
-    env = {
-        "SHARDGATE_CONFIGMAP": "shards",
-        "SHARDGATE_NAMESPACE": "prod",
-        "SHARDGATE_LISTEN": "127.0.0.1:8000",
-        "SHARDGATE_ADMIN_LISTEN": "[::1]:9000",
-        "SHARDGATE_WORKERS": "4",
-        "SHARDGATE_DRAIN_DELAY": "0.5",
-        "SHARDGATE_GRACE_TIMEOUT": "3",
-        "SHARDGATE_MAX_BODY_BYTES": "1024",
-        "SHARDGATE_CONNECT_TIMEOUT": "0.25",
-    }
-    settings = settings_from(env=env)
-    assert settings.configmap == "shards"
-    assert settings.config_path is None
-    assert settings.namespace == "prod"
-    assert settings.listen == ("127.0.0.1", 8000)
-    assert settings.admin_listen == ("::1", 9000)
-    assert settings.workers == 4
-    assert (settings.drain_delay, settings.grace_timeout) == (0.5, 3.0)
-    assert settings.limits.max_body_bytes == 1024
-    assert settings.limits.connect_timeout == 0.25
-
-
-def test_flags_win_over_environment() -> None:
-    env = {
-        "SHARDGATE_CONFIG": "env.yaml",
-        "SHARDGATE_NAMESPACE": "env-ns",
-        "SHARDGATE_LISTEN": "not an address",
-        "SHARDGATE_ADMIN_LISTEN": "10.0.0.1:1",
-        "SHARDGATE_WORKERS": "not a number",
-    }
-    settings = settings_from(
-        config_path="flag.yaml",
-        namespace="flag-ns",
-        listen="127.0.0.1:1234",
-        admin_listen="127.0.0.1:4321",
-        workers=3,
-        env=env,
-    )
-    assert settings.config_path == "flag.yaml"
-    assert settings.namespace == "flag-ns"
-    assert settings.listen == ("127.0.0.1", 1234)
-    assert settings.admin_listen == ("127.0.0.1", 4321)
-    assert settings.workers == 3
-
-
-def test_empty_environment_values_mean_unset() -> None:
-    env = {
-        "SHARDGATE_CONFIG": "a.yaml",
-        "SHARDGATE_CONFIGMAP": "",
-        "SHARDGATE_WORKERS": "",
-        "SHARDGATE_LISTEN": "",
-    }
-    settings = settings_from(env=env)
-    assert (settings.config_path, settings.configmap, settings.workers) == ("a.yaml", None, 1)
-    assert settings.listen == ("0.0.0.0", 8080)
-
-
-def test_pod_namespace_is_the_default_in_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_module, "_pod_namespace", lambda: "team-a")
-    assert settings_from(config_path="a.yaml", env={}).namespace == "team-a"
-    assert settings_from(config_path="a.yaml", env={"SHARDGATE_NAMESPACE": "b"}).namespace == "b"
-
-
-def test_a_config_source_is_required() -> None:
-    assert settings_problems(env={}) == [
-        "config: one of --config (SHARDGATE_CONFIG) or --configmap (SHARDGATE_CONFIGMAP)"
-    ]
-
-
-def test_only_one_config_source() -> None:
-    expected = ["config: give either --config or --configmap, not both"]
-    assert settings_problems(config_path="a.yaml", configmap="shards", env={}) == expected
-    assert settings_problems(env={"SHARDGATE_CONFIG": "a.yaml", "SHARDGATE_CONFIGMAP": "s"}) == expected
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "env", "expected"),
-    [
-        ({"listen": "8080"}, {}, "SHARDGATE_LISTEN: '8080' is not host:port"),
-        ({}, {"SHARDGATE_LISTEN": "0.0.0.0:99999"}, "SHARDGATE_LISTEN: '0.0.0.0:99999' has an invalid port"),
-        ({"admin_listen": "host"}, {}, "SHARDGATE_ADMIN_LISTEN: 'host' is not host:port"),
-        ({"workers": 0}, {}, "SHARDGATE_WORKERS: must be at least 1"),
-        ({}, {"SHARDGATE_WORKERS": "0"}, "SHARDGATE_WORKERS: must be at least 1"),
-        ({}, {"SHARDGATE_WORKERS": "two"}, "SHARDGATE_WORKERS: 'two' is not a non-negative integer"),
-        ({}, {"SHARDGATE_WORKERS": "-2"}, "SHARDGATE_WORKERS: '-2' is not a non-negative integer"),
-        ({}, {"SHARDGATE_DRAIN_DELAY": "soon"}, "SHARDGATE_DRAIN_DELAY: 'soon' is not a number"),
-        ({}, {"SHARDGATE_GRACE_TIMEOUT": "-1"}, "SHARDGATE_GRACE_TIMEOUT: must not be negative"),
-        ({}, {"SHARDGATE_MAX_HEADER_BYTES": "1k"}, "SHARDGATE_MAX_HEADER_BYTES: '1k' is not a non-negative"),
-    ],
-)
-def test_settings_errors(kwargs: dict[str, Any], env: dict[str, str], expected: str) -> None:
-    found = settings_problems(config_path="a.yaml", env=env, **kwargs)
-    assert len(found) == 1 and found[0].startswith(expected), found
-
-
-def test_settings_errors_are_collected() -> None:
-    found = settings_problems(listen="x", admin_listen="y", env={"SHARDGATE_WORKERS": "0"})
-    assert [p.split(":", 1)[0] for p in found] == [
-        "config",
-        "SHARDGATE_LISTEN",
-        "SHARDGATE_ADMIN_LISTEN",
-        "SHARDGATE_WORKERS",
-    ]
-
-
-def test_unicode_digits_in_an_integer_variable_are_a_config_error() -> None:
-    assert settings_problems(config_path="a.yaml", env={"SHARDGATE_WORKERS": "\u00b2"})
-
-
 def test_duplicate_yaml_keys_are_rejected_not_silently_merged() -> None:
     text = "version: 1\ngroups:\n  - name: a\n    endpoints: ['h:1']\ngroups: []\n"
     with pytest.raises(ConfigError) as info:
@@ -622,22 +481,3 @@ def test_one_endpoint_in_two_groups_is_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         parse_shard_config(text)
     assert info.value.problems == ["groups: endpoint h:2 is in both 'a' and 'b'"]
-
-
-def test_a_source_flag_overrides_both_source_variables() -> None:
-    env = {"SHARDGATE_CONFIG": "file.yaml", "SHARDGATE_CONFIGMAP": "shards"}
-    settings = settings_from(configmap="other", env=env)
-    assert (settings.config_path, settings.configmap) == (None, "other")
-    settings = settings_from(config_path="mine.yaml", env=env)
-    assert (settings.config_path, settings.configmap) == ("mine.yaml", None)
-
-
-def test_drain_settings_come_from_flags_before_the_environment() -> None:
-    env = {"SHARDGATE_CONFIG": "c.yaml", "SHARDGATE_DRAIN_DELAY": "7", "SHARDGATE_GRACE_TIMEOUT": "9"}
-    from_env = settings_from(env=env)
-    assert (from_env.drain_delay, from_env.grace_timeout) == (7.0, 9.0)
-    from_flags = settings_from(drain_delay=0.5, grace_timeout=3, env=env)
-    assert (from_flags.drain_delay, from_flags.grace_timeout) == (0.5, 3.0)
-    with pytest.raises(ConfigError) as info:
-        settings_from(drain_delay=-1, env=env)
-    assert info.value.problems == ["--drain-delay: must not be negative"]

@@ -1,0 +1,95 @@
+"""Messages between the ``--workers`` supervisor and its workers: one JSON object per line.
+
+The supervisor writes to a worker's stdin, the worker answers on its stdout. Each direction is
+a union of pydantic models told apart by ``op``, validated on receipt (``TO_WORKER`` /
+``FROM_WORKER``); a line that is none of them raises ``pydantic.ValidationError``, which the
+reader logs and skips.
+
+Supervisor -> worker: ``start`` first (the worker's settings, its index and the topology, if
+there is one yet: the worker binds the port only once it has read it), then ``topology`` on
+every change, ``metrics`` at scrape time, ``drain`` and ``stop`` on shutdown.
+Worker -> supervisor: ``ready`` once it listens, a ``metrics`` reply per ``metrics`` request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from gateway.config import ShardConfig
+from gateway.settings import Settings
+from gateway.topology import DiscoveredPod, Topology
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode() + b"\n"
+
+
+# -- supervisor -> worker ------------------------------------------------------------------------
+
+
+class TopologyUpdate(_Message):
+    """A whole topology: the config in force and the pods discovery found for its groups."""
+
+    op: Literal["topology"] = "topology"
+    config: ShardConfig
+    pods: dict[str, list[DiscoveredPod]]
+
+    @classmethod
+    def of(cls, topology: Topology) -> TopologyUpdate:
+        pods = {
+            name: [DiscoveredPod(p.host, p.port, p.state, p.name) for p in group.pods]
+            for name, group in topology.groups.items()
+        }
+        return cls(config=topology.config, pods=pods)
+
+
+class Start(_Message):
+    op: Literal["start"] = "start"
+    index: int = Field(ge=0)
+    settings: Settings  # the supervisor's, with the data port it reserved
+    topology: TopologyUpdate | None = None  # None until the first config is loaded
+
+
+class MetricsRequest(_Message):
+    op: Literal["metrics"] = "metrics"
+    id: int
+
+
+class Drain(_Message):
+    """Readiness is the supervisor's; a draining worker answers with ``Connection: close``."""
+
+    op: Literal["drain"] = "drain"
+
+
+class Stop(_Message):
+    op: Literal["stop"] = "stop"
+    grace: float | None = Field(default=None, ge=0)  # None: the worker's settings.grace_timeout
+
+
+ToWorker = Annotated[Start | TopologyUpdate | MetricsRequest | Drain | Stop, Field(discriminator="op")]
+TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
+
+
+# -- worker -> supervisor ------------------------------------------------------------------------
+
+
+class Ready(_Message):
+    op: Literal["ready"] = "ready"
+    pid: int
+
+
+class MetricsReply(_Message):
+    op: Literal["metrics"] = "metrics"
+    id: int
+    epoch: str | None  # of the snapshot the worker routes with
+    data: dict[str, Any]  # Metrics.snapshot()
+    pods: list[tuple[str, str, int, int, int]]  # group, address, in flight, connections, idle
+
+
+FromWorker = Annotated[Ready | MetricsReply, Field(discriminator="op")]
+FROM_WORKER: TypeAdapter[FromWorker] = TypeAdapter(FromWorker)
