@@ -62,6 +62,7 @@ def load_api_client(service_account_dir: str = SERVICE_ACCOUNT_DIR) -> client.Ap
 # generated client gives them: Watch reads it to decode the objects of events).
 CONFIGMAPS = ("/api/v1/namespaces/{namespace}/configmaps", "V1ConfigMapList")
 ENDPOINT_SLICES = ("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", "V1EndpointSliceList")
+WATCHED = (CONFIGMAPS, ENDPOINT_SLICES)  # every API endpoint the gateway reads (its RBAC follows)
 _QUERY_NAMES = {
     "field_selector": "fieldSelector",
     "label_selector": "labelSelector",

@@ -63,13 +63,13 @@ KUBERNETES_VERSIONS = sorted({MIN_KUBERNETES, kubernetes_validate.latest_version
 CUSTOM_RESOURCE_GROUPS = {"monitoring.coreos.com"}
 
 # The client calls gateway/discovery/kubernetes.py may make, and what RBAC each needs.
-API_CALLS = {
-    "list_namespaced_config_map": ("", "configmaps"),
-    "list_namespaced_endpoint_slice": ("discovery.k8s.io", "endpointslices"),
-}
 # Methods of the generated API classes (CoreV1Api, DiscoveryV1Api, ...) that touch a resource.
 API_CALL_RE = re.compile(
     r"^(list|read|watch|create|patch|replace|delete|connect)_(namespaced_\w+|\w+_for_all_namespaces)$"
+)
+# A namespaced list path of the API: /api/v1/... (the core group "") or /apis/GROUP/VERSION/...
+API_PATH_RE = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/\{namespace\}/(?P<resource>\w+)$"
 )
 READ_VERBS = {"get", "list", "watch"}  # the watch loop needs list + watch; get is their read companion
 DRAIN_MARGIN_SECONDS = 5  # README "Operations": preStop + drain delay + grace timeout + a margin
@@ -112,14 +112,29 @@ def admin_routes() -> set[str]:
 
 
 def watched_resources() -> set[tuple[str, str]]:
-    """(apiGroup, resource) of every list call in the Kubernetes source (watches wrap list calls)."""
-    tree = ast.parse((REPO_ROOT / "gateway" / "discovery" / "kubernetes.py").read_text())
-    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    calls = {name for name in attributes if API_CALL_RE.match(name)}
-    assert calls, "no Kubernetes API call found: has the source moved?"
-    unknown = calls - API_CALLS.keys()
-    assert not unknown, f"the gateway now calls {sorted(unknown)}: add its RBAC to role.yaml and API_CALLS"
-    return {API_CALLS[call] for call in calls}
+    """(apiGroup, resource) of every list call in the Kubernetes source (watches wrap list calls):
+    the endpoints it declares in ``WATCHED``, and no call of the generated API classes."""
+    from gateway.discovery import kubernetes as source
+
+    tree = ast.parse(Path(source.__file__).read_text())
+    generated = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not {name for name in generated if API_CALL_RE.match(name)}, "a generated API call: add it here"
+    declared = {name for name, value in vars(source).items() if value in source.WATCHED}
+    used = {
+        node.args[1].id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "list_call"
+        and len(node.args) == 2
+        and isinstance(node.args[1], ast.Name)
+    }
+    assert used and used <= declared, f"list_call with endpoints not in WATCHED: {used - declared}"
+    found = set()
+    for path, _ in source.WATCHED:
+        match = API_PATH_RE.match(path)
+        assert match, f"not a namespaced API path: {path}"
+        found.add((match["group"] or "", match["resource"]))
+    return found
 
 
 def manifest_files() -> set[Path]:
