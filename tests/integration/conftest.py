@@ -81,7 +81,7 @@ class Recipe:
         self.groups = tuple(weights)
 
     def owner(self, key: str) -> str:
-        return str(self._ring.get_node(key.strip()))
+        return str(self._ring.get_node(key.strip(" \t")))  # OWS only, as the contract says
 
     def keys_owned_by(self, group: str, count: int, prefix: str = "user") -> list[str]:
         keys: list[str] = []
@@ -490,3 +490,20 @@ def assert_serves(gateway: Gateway, key: str = "still-alive") -> None:
     gateway.assert_alive()
     result = http_request(gateway.port, "POST", "/still-serving", {KEY_HEADER: key}, b"{}")
     assert result.status == 200, (result.status, result.body[:300], gateway.log_tail())
+
+
+def unicode_padded_keys(ring: Any) -> list[str]:
+    """Keys padded with Unicode whitespace that is not OWS (NBSP, EM SPACE, IDEOGRAPHIC SPACE),
+    each with another owner on ``ring`` than its bare-``str.strip()`` form: only a key handled
+    as the contract says (strip spaces and tabs only) lands where the recipe says."""
+    keys: list[str] = []
+    for pad in ("\u00a0", "\u2003", "\u3000"):
+        i = 0
+        while True:
+            key = f"{pad}ws-{i}" if i % 2 else f"ws-{i}{pad}"
+            if str(ring.get_node(key)) != str(ring.get_node(key.strip())):
+                keys.append(key)
+                break
+            i += 1
+            assert i < 10_000, "no key whose bare strip() changes its owner"
+    return keys

@@ -21,8 +21,10 @@ from tests.integration.conftest import (
     assert_json_error,
     group_of,
     http_request,
+    unicode_padded_keys,
 )
 from tests.integration.upstream import RawConn, UpstreamServer, build_request
+from tests.support import contract_ring
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -483,3 +485,17 @@ def test_owner_preferred_reads(gw_dead: Gateway, dead_cluster: Cluster) -> None:
             assert result.status in (502, 503)
             outcomes["refused"] += 1
     assert sum(outcomes.values()) == 20
+
+
+def test_only_spaces_and_tabs_are_stripped_from_keys(gw_any: Gateway, cluster: Cluster) -> None:
+    """The contract strips HTTP's OWS (SP, HTAB) from a key, not other Unicode whitespace: a key
+    padded with NBSP, EM SPACE or IDEOGRAPHIC SPACE keeps the padding, and so its own owner
+    (chosen here so that a bare ``str.strip()`` would give another group)."""
+    recipe = cluster.recipe
+    ring = contract_ring({g.name: g.weight for g in cluster.groups})
+    for key in unicode_padded_keys(ring):
+        for sent in (key, f" \t{key}\t "):  # OWS around it is still stripped
+            result = http_request(gw_any.port, "POST", "/ws-key", {KEY_HEADER: sent.encode()}, b"{}")
+            assert result.status == 200, (key, result.body[:200])
+            assert result.header("X-Shard-Group") == recipe.owner(sent) == str(ring.get_node(key)), key
+            assert _echo(result)["group"] == recipe.owner(key) != str(ring.get_node(key.strip())), key

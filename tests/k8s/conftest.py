@@ -80,7 +80,7 @@ class Recipe:
         self._ring = contract_ring(weights, vnodes)
 
     def owner(self, key: str) -> str:
-        return str(self._ring.get_node(key.strip()))
+        return str(self._ring.get_node(key.strip(" \t")))  # OWS only, as the contract says
 
     def keys_of(self, group: str, count: int, prefix: str = "user") -> list[str]:
         keys: list[str] = []
