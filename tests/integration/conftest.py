@@ -174,7 +174,9 @@ class Gateway:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     expect_exit: bool = False  # set by a test that stops the gateway itself
-    ready_before_listening: bool = False  # /readyz said 200 while the proxy port refused
+    # /readyz said 200 while the proxy port refused: a readiness gap (an endpoints controller
+    # would send traffic to a port that refuses it); the factory fails the start when it is set.
+    ready_before_listening: bool = False
 
     @property
     def url(self) -> str:
@@ -337,6 +339,12 @@ class GatewayFactory:
             problem = self._wait_ready(gateway)
             if problem is None:
                 self.started.append(gateway)
+                # DESIGN "Admin server": /readyz is 200 when the gateway can serve. The data
+                # plane binds before the admin port, so this never happens on a correct start.
+                assert not gateway.ready_before_listening, (
+                    f"/readyz said 200 while the proxy port {gateway.port} refused connections:\n"
+                    + gateway.log_tail()
+                )
                 return gateway
             gateway.stop(5)
             last_error = problem
@@ -386,8 +394,8 @@ class GatewayFactory:
             time.sleep(0.05)
         else:
             return f"/readyz not 200 within {READY_TIMEOUT}s:\n{gateway.log_tail()}"
-        # /readyz may answer before the proxy port is bound (a readiness gap worth knowing
-        # about, recorded on the Gateway); the tests need the data plane, so wait for it too.
+        # /readyz must not answer 200 before the proxy port is bound: a gap is recorded on the
+        # Gateway (and fails the start); waiting for the port too tells a gap from a dead port.
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
