@@ -451,13 +451,18 @@ def test_writes_for_an_unreachable_group_are_never_rerouted(gw_dead: Gateway, de
             assert _echo(result)["group"] == group
 
 
-def test_owner_preferred_reads(gw_dead: Gateway, dead_cluster: Cluster) -> None:
-    """Reads go to the owner group when it can serve them.
+def test_owner_preferred_reads_stay_in_an_owner_group_that_has_ready_pods(
+    gw_dead: Gateway, dead_cluster: Cluster
+) -> None:
+    """``reads: owner-preferred`` sends a read to its owner group while that group has a ready pod.
 
-    With fixed ``endpoints`` a group's pods are always "ready" (no health information), so for
-    a group whose endpoints refuse connections the contract allows two outcomes: the read fails
-    with a clear 502/503 (the gateway tried the owner group, and may retry only inside it), or a
-    later version with health checks serves it from another group. Never a silent wrong answer.
+    With fixed ``endpoints`` a group's pods are always "ready" (there is no health information),
+    so the "dead" group, whose endpoints refuse connections, is an owner *with* ready pods: its
+    users' reads are tried there, once more on its other pod (a refused connect is retried inside
+    the allowed set), and then answered 502 ``upstream_error``; they are never served from
+    another group. The fallback to any pod while the owner has *no* ready pod needs discovery to
+    say so: ``tests/k8s/test_gateway_in_cluster.py::
+    test_owner_preferred_reads_leave_the_owner_group_only_while_it_has_no_ready_pod``.
     """
     recipe = dead_cluster.recipe
     for group in ("alive-1", "alive-2"):
@@ -466,25 +471,16 @@ def test_owner_preferred_reads(gw_dead: Gateway, dead_cluster: Cluster) -> None:
             assert result.status == 200
             assert _echo(result)["group"] == group, "owner-preferred read left a healthy owner group"
             assert result.header("X-Shard-Group") == group
-    outcomes: Counter[str] = Counter()
-    for key in recipe.keys_owned_by("dead", 20, prefix="pref-dead"):
+    failures = gw_dead.metric("shardgate_upstream_connect_failures_total")
+    retries = gw_dead.metric("shardgate_upstream_retries_total")
+    dead_keys = recipe.keys_owned_by("dead", 20, prefix="pref-dead")
+    for key in dead_keys:
         result = http_request(gw_dead.port, "GET", "/pref-dead", {KEY_HEADER: key})
-        if result.status == 200:
-            echo = _echo(result)
-            assert echo["group"] in ("alive-1", "alive-2")
-            assert result.header("X-Shard-Group") == echo["group"]
-            outcomes["fallback"] += 1
-        else:
-            assert_json_error(
-                result.status,
-                result.headers,
-                result.body,
-                result.status,
-                {"upstream_error", "shard_unavailable"},
-            )
-            assert result.status in (502, 503)
-            outcomes["refused"] += 1
-    assert sum(outcomes.values()) == 20
+        assert_json_error(result.status, result.headers, result.body, 502, "upstream_error")
+    assert not all_requests(dead_cluster.servers, lambda r: r.path == "/pref-dead"), "a read left its owner"
+    # Each read: a refused connect to one pod of "dead", then one retry on its other pod.
+    assert gw_dead.metric("shardgate_upstream_connect_failures_total") - failures == 2 * len(dead_keys)
+    assert gw_dead.metric("shardgate_upstream_retries_total") - retries == len(dead_keys)
 
 
 def test_only_spaces_and_tabs_are_stripped_from_keys(gw_any: Gateway, cluster: Cluster) -> None:
