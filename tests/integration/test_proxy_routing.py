@@ -368,14 +368,56 @@ def test_forwarded_headers_and_via(gw_any: Gateway) -> None:
         assert resp2.status == 200
         echo2 = resp2.json()
 
-    xff = _upstream_header(echo, "X-Forwarded-For")
-    assert len(xff) == 1 and xff[0].split(",")[-1].strip() == "127.0.0.1", xff
+    # The gateway's own hop: the peer address it saw, and its Via entry.
+    assert _upstream_header(echo, "X-Forwarded-For") == ["127.0.0.1"], echo["headers"]
     assert _upstream_header(echo, "X-Forwarded-Proto") == ["http"]
     assert _upstream_header(echo, "X-Forwarded-Host") == ["shop.example:8443"]
-    via = _upstream_header(echo, "Via")
-    assert len(via) == 1 and "1.1" in via[0], via
-    xff2 = ",".join(_upstream_header(echo2, "X-Forwarded-For"))
-    assert xff2.split(",")[-1].strip() == "127.0.0.1", xff2  # the gateway's own hop is last
+    assert _upstream_header(echo, "Via") == ["1.1 shardgate"], echo["headers"]
+    # A client's value is kept, with the gateway's hop appended last.
+    assert _upstream_header(echo2, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"], echo2["headers"]
+    assert _upstream_header(echo2, "X-Forwarded-Host") == ["shop.example"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "want_xff", "want_via"),
+    [
+        ([("X-Forwarded-For", "203.0.113.9, 198.51.100.7")], "203.0.113.9, 198.51.100.7, 127.0.0.1", None),
+        (
+            [("X-Forwarded-For", "203.0.113.9"), ("x-forwarded-for", "198.51.100.7, 192.0.2.1")],
+            "203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1",
+            None,
+        ),
+        ([("Via", "1.0 fred")], None, "1.0 fred, 1.1 shardgate"),
+        ([("Via", "1.0 fred, 1.1 p.example.net")], None, "1.0 fred, 1.1 p.example.net, 1.1 shardgate"),
+        (
+            [("Via", "1.0 fred"), ("X-Forwarded-For", "203.0.113.9"), ("X-Other", "x"), ("VIA", "2 edge")],
+            "203.0.113.9, 127.0.0.1",
+            "1.0 fred, 2 edge, 1.1 shardgate",
+        ),
+        (
+            [("X-Forwarded-For", "203.0.113.9"), ("Via", "1.1 lb"), ("X-Forwarded-For", "10.0.0.7")],
+            "203.0.113.9, 10.0.0.7, 127.0.0.1",
+            "1.1 lb, 1.1 shardgate",
+        ),
+    ],
+    ids=["xff-list", "xff-fields", "via", "via-list", "via-fields", "both"],
+)
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_client_forwarded_for_and_via_are_extended_not_replaced(
+    gw_any: Gateway, method: str, fields: list[tuple[str, str]], want_xff: str | None, want_via: str | None
+) -> None:
+    """X-Forwarded-For and Via keep what the client (or a proxy before the gateway) sent: several
+    fields are combined in order into one, and the gateway's hop (``127.0.0.1``, ``1.1
+    shardgate``) is appended last."""
+    body = b"{}" if method == "POST" else None
+    with RawConn(gw_any.port) as conn:
+        conn.send(build_request(method, "/fwd-chain", [(KEY_HEADER, "fwd-chain"), *fields], body))
+        resp = conn.read_response(method)
+    assert resp.status == 200, resp.body[:300]
+    echo = resp.json()
+    assert _upstream_header(echo, "X-Forwarded-For") == [want_xff or "127.0.0.1"], echo["headers"]
+    assert _upstream_header(echo, "Via") == [want_via or "1.1 shardgate"], echo["headers"]
+    assert _upstream_header(echo, "X-Forwarded-Proto") == ["http"], echo["headers"]
 
 
 def test_hop_by_hop_headers_removed_both_ways(gw_any: Gateway, cluster: Cluster) -> None:
