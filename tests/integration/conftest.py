@@ -27,7 +27,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.upstream import DeadPort, HeaderLookup, UpstreamServer, start_upstreams, wait_until
+from tests.integration.upstream import (
+    BlackholePort,
+    DeadPort,
+    HeaderLookup,
+    UpstreamServer,
+    start_upstreams,
+    wait_until,
+)
 from tests.support import close_and_report, contract_ring, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +57,9 @@ class GroupSpec:
     weight: int = 1
 
 
-def group_of(name: str, members: Sequence[UpstreamServer | DeadPort | str], weight: int = 1) -> GroupSpec:
+def group_of(
+    name: str, members: Sequence[UpstreamServer | DeadPort | BlackholePort | str], weight: int = 1
+) -> GroupSpec:
     return GroupSpec(name, tuple(m if isinstance(m, str) else m.address for m in members), weight)
 
 
@@ -424,7 +433,7 @@ class GatewayFactory:
 class UpstreamFactory:
     def __init__(self) -> None:
         self.servers: list[UpstreamServer] = []
-        self.dead: list[DeadPort] = []
+        self.dead: list[DeadPort | BlackholePort] = []
 
     def __call__(
         self, group: str, count: int = 2, prefix: str | None = None, **kwargs: Any
@@ -440,6 +449,12 @@ class UpstreamFactory:
 
     def dead_port(self) -> DeadPort:
         port = DeadPort()
+        self.dead.append(port)
+        return port
+
+    def blackhole(self) -> BlackholePort:
+        """An endpoint whose TCP handshake never completes (connects to it time out)."""
+        port = BlackholePort()
         self.dead.append(port)
         return port
 

@@ -27,7 +27,7 @@ from tests.integration.conftest import (
     group_of,
     http_request,
 )
-from tests.integration.upstream import IncompleteResponse, RawConn, RawResponse, build_request
+from tests.integration.upstream import IncompleteResponse, RawConn, RawResponse, build_request, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -466,3 +466,94 @@ def test_refused_connection_is_retried_inside_the_owner_group(gw_faulty: Gateway
     assert len(recorded) == 2 * len(keys), "each request must reach an upstream exactly once"
     assert {r.pod for r in recorded} == {"half-live"}, "a request left its owner group"
     _serves(gw_faulty, faulty)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connect timeouts
+
+CONNECT_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="module")
+def holes(module_upstreams: UpstreamFactory) -> LiveGroups:
+    """Endpoints whose TCP handshake never completes: ``hole-1`` one, ``hole-2`` two; ``mixed``
+    one of those and a live pod; ``live`` two live pods."""
+    mixed_live = module_upstreams.one("mixed", "mixed-live")
+    live = module_upstreams("live", 2)
+    groups = [
+        group_of("hole-1", [module_upstreams.blackhole()]),
+        group_of("hole-2", [module_upstreams.blackhole(), module_upstreams.blackhole()]),
+        group_of("mixed", [module_upstreams.blackhole(), mixed_live]),
+        group_of("live", live),
+    ]
+    return LiveGroups([mixed_live, *live], groups)
+
+
+@pytest.fixture(scope="module")
+def gw_holes(module_gateway: GatewayFactory, holes: LiveGroups) -> Gateway:
+    # The response timeout is long: a 504 well before it can only be the connect timeout's.
+    # reads: owner, so that a read's attempts stay inside the owner group too.
+    return module_gateway(
+        holes.groups,
+        reads="owner",
+        env={"SHARDGATE_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT), "SHARDGATE_UPSTREAM_TIMEOUT": "120"},
+    )
+
+
+def _connect_counters(gw: Gateway) -> tuple[float, float, float]:
+    return (
+        gw.metric("shardgate_upstream_connect_failures_total"),
+        gw.metric("shardgate_upstream_retries_total"),
+        gw.metric("shardgate_refusals_total", reason="upstream_timeout"),
+    )
+
+
+@pytest.mark.parametrize("group", ["hole-1", "hole-2"])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_connect_timeout_is_retried_once_then_answered_504(
+    gw_holes: Gateway, holes: LiveGroups, group: str, method: str
+) -> None:
+    """No pod of the group completes a handshake: the first connect times out, the request is
+    tried once more (on the group's other pod; a one-pod group's retry is a fresh connection to
+    the same pod), that one times out too, and the client gets the contract's 504."""
+    for key in holes.recipe.keys_owned_by(group, 2, prefix=f"hole-{method}"):
+        failures, retries, timeouts = _connect_counters(gw_holes)
+        result = http_request(
+            gw_holes.port,
+            method,
+            "/connect-timeout",
+            {KEY_HEADER: key, "X-Request-ID": f"ct-{key}"},
+            b"{}" if method == "POST" else None,
+            timeout=60,
+        )
+        doc = assert_json_error(result.status, result.headers, result.body, 504, "upstream_timeout")
+        assert doc["request_id"] == f"ct-{key}", doc
+        assert set(doc) == {"error", "detail", "request_id"}, doc
+        assert "json" in (result.header("Content-Type") or ""), result.headers
+        # Two connect attempts, one of them a retry; one 504 counted (before it was sent).
+        after = _connect_counters(gw_holes)
+        assert (after[0] - failures, after[1] - retries, after[2] - timeouts) == (2, 1, 1), after
+    assert not all_requests(holes.servers, lambda r: r.path == "/connect-timeout")
+    assert_serves(gw_holes, holes.recipe.keys_owned_by("live", 1)[0])
+
+
+def test_connect_timeout_is_retried_on_the_groups_other_pod(gw_holes: Gateway, holes: LiveGroups) -> None:
+    """``mixed`` = a pod whose handshake never completes + a live pod. A request kept in flight
+    on the live pod makes the pod choice (least in-flight of two) pick the silent pod first; the
+    connect times out and the retry goes to the live pod, which serves the request."""
+    (live_pod,) = [s for s in holes.servers if s.group == "mixed"]
+    key = holes.recipe.keys_owned_by("mixed", 1, prefix="mixed")[0]
+    with RawConn(gw_holes.port, timeout=60) as held:
+        held.send(build_request("GET", "/slow-headers?delay=60", [(KEY_HEADER, key)]))
+        assert wait_until(lambda: any(r.path == "/slow-headers" for r in live_pod.requests()), 15), (
+            "the held request never reached the live pod"
+        )
+        for i in range(3):
+            failures, retries, _ = _connect_counters(gw_holes)
+            result = http_request(gw_holes.port, "POST", f"/mixed/{i}", {KEY_HEADER: key}, b"{}", timeout=60)
+            assert result.status == 200, result.body[:300]
+            assert result.json()["pod"] == "mixed-live"
+            after = _connect_counters(gw_holes)
+            assert (after[0] - failures, after[1] - retries) == (1, 1), (after, failures, retries)
+    recorded = all_requests(holes.servers, lambda r: r.path.startswith("/mixed/"))
+    assert sorted(r.path for r in recorded) == ["/mixed/0", "/mixed/1", "/mixed/2"], recorded
