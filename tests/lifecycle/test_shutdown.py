@@ -227,3 +227,55 @@ def test_keep_alive_connections_are_told_to_close_during_the_drain_delay(
         assert during.status == 200, during
         assert during.closes, f"no Connection: close during the drain delay: {during.headers}"
         assert conn.wait_closed(2)[0]
+
+
+@pytest.mark.timeout(60)
+def test_requests_outliving_the_grace_timeout_are_cut_off_and_the_gateway_exits_0(
+    upstreams: UpstreamSet, static_gateways: StaticGatewayFactory
+) -> None:
+    """Drain delay, then the grace timeout, then whatever is still in flight is cut: the client
+    sees its connection end without a complete response (never a fake end of a body), the log
+    says how many were cut, and the process exits 0."""
+    drain, grace = 0.5, 1.5
+    pod = upstreams("g-a", "a-1")
+    gw = static_gateways(
+        [group_of("g-a", [pod.address])],
+        env={"SHARDGATE_DRAIN_DELAY": str(drain), "SHARDGATE_GRACE_TIMEOUT": str(grace)},
+    )
+    # In flight at SIGTERM, both far longer than drain + grace: a request whose upstream never
+    # answers, and a response streaming a chunk every 0.1 s for a minute.
+    held = Background(lambda: one_request(gw.port, "GET", "/hold?gate=never", "held"), name="held")
+    streamer = TrackedConn(gw.port, timeout=60)
+    stream = Background(
+        lambda: streamer.request("GET", "/stream?chunks=600&interval=0.1", "stream"), name="stream"
+    )
+    try:
+        assert wait_for(lambda: {h.path for h in pod.hits()} >= {"/hold", "/stream"}), pod.hits()
+        assert wait_for(lambda: streamer.received > 0), "the stream's head never arrived"
+        gw.expect_exit = True
+        signalled = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        try:
+            code = gw.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"still running 30 s after SIGTERM (drain {drain} s + grace {grace} s):\n{gw.log_tail()}"
+            )
+        elapsed = time.monotonic() - signalled
+        assert code == 0, gw.log_tail()
+        # A lower bound only: the in-flight requests got the whole drain delay and grace timeout.
+        assert elapsed >= drain + grace - 0.1, f"exited {elapsed:.2f}s after SIGTERM"
+
+        with pytest.raises(ConnectionFailed) as no_answer:
+            held.result(10)
+        assert not no_answer.value.got_bytes, "a request without an upstream answer got some response"
+        with pytest.raises(ConnectionFailed) as cut:
+            stream.result(10)
+        assert cut.value.got_bytes, "the stream's head and first chunks had arrived"
+        assert streamer.eof, "the stream's connection must be closed, not left hanging"
+    finally:
+        pod.release("never")
+        streamer.close()
+    log = gw.log_tail(200)
+    assert "grace timeout: closing 2 connections still busy" in log, log
+    assert '"message":"stopped"' in log, log
