@@ -261,6 +261,16 @@ class RawUpstream:
         with self._lock:
             return [h for h in self._hits if predicate(h)]
 
+    def open_connections(self) -> int:
+        """Connections open right now, as this server sees them (counted on its own loop)."""
+        loop = self._loop
+        assert loop is not None, "upstream not started"
+
+        async def count() -> int:
+            return sum(1 for conn in self._connections if not conn.closed)
+
+        return asyncio.run_coroutine_threadsafe(count(), loop).result(10)
+
     def _count_idle_close(self) -> None:
         with self._lock:
             self.idle_closed += 1
