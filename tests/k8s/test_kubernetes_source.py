@@ -483,21 +483,31 @@ def test_rewatch_after_a_dropped_stream_resumes_where_it_was(
 
 
 @pytest.mark.timeout(30)
-def test_watch_reports_up_again_after_a_reconnect_without_events(
-    api: FakeApiServer, harness: SourceHarness
-) -> None:
-    put_slice(api, "svc-1-a", "svc-1", [endpoint("10.0.0.1")])
-    put_slice(api, "svc-2-a", "svc-2", [endpoint("10.0.1.1")], number=9000)
-    api.put_configmap(NS, CONFIGMAP, {"shards.yaml": shard_config(GROUPS)})
-    assert wait_for(lambda: harness.topology() is not None)
-    assert api.wait_for_watches(2)
-    before = {r: len(_watch_requests(api, r)) for r in ("configmaps", "endpointslices")}
-    api.drop_watches()
-    assert wait_for(lambda: all(not w["up"] for w in harness.watches().values()))
-    assert wait_for(lambda: all(len(_watch_requests(api, r)) > n for r, n in before.items()))
-    assert api.wait_for_watches(2)
-    # Connected again (the watches are open on the server): up must say so.
-    assert wait_for(lambda: all(w["up"] for w in harness.watches().values()), timeout=3.0), harness.watches()
+def test_watch_reports_up_again_after_a_reconnect_without_events(api: FakeApiServer, tmp_path: Path) -> None:
+    # Watches that would run for minutes: without an event, only the open watch itself can
+    # tell the source that it is connected again (not a re-list when the watch times out).
+    long_watches = WatchTiming(
+        watch_timeout=300.0, connect_timeout=2.0, list_timeout=5.0, backoff_initial=0.05, backoff_max=0.3
+    )
+    harness = SourceHarness(api, tmp_path, timing=long_watches).start()
+    try:
+        put_slice(api, "svc-1-a", "svc-1", [endpoint("10.0.0.1")])
+        put_slice(api, "svc-2-a", "svc-2", [endpoint("10.0.1.1")], number=9000)
+        api.put_configmap(NS, CONFIGMAP, {"shards.yaml": shard_config(GROUPS)})
+        assert wait_for(lambda: harness.topology() is not None)
+        assert api.wait_for_watches(2)
+        before = {r: len(_watch_requests(api, r)) for r in ("configmaps", "endpointslices")}
+        lists = api.count(verb="list")
+        api.drop_watches()
+        assert wait_for(lambda: all(not w["up"] for w in harness.watches().values()))
+        assert wait_for(lambda: all(len(_watch_requests(api, r)) > n for r, n in before.items()))
+        assert api.wait_for_watches(2)
+        # Connected again (the watches are open on the server): up must say so, with no event
+        # and no list since (a watch times out after 4 minutes at the earliest).
+        assert wait_for(lambda: all(w["up"] for w in harness.watches().values())), harness.watches()
+        assert api.count(verb="list") == lists, "re-listed: the check would not be about the watch"
+    finally:
+        harness.stop()
 
 
 # ---------------------------------------------------------------------------------------------
