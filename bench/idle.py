@@ -1,8 +1,9 @@
 """Memory of a proxy holding many idle keep-alive client connections.
 
 `measure_idle` opens N TCP connections to a proxy (at most `CONNECT_CONCURRENCY` handshakes in
-flight, so that no listen backlog overflows), sends one keep-alive request on each and reads its
-response, keeps them all open and reads VmRSS/VmHWM of the serving process(es) from /proc. Just
+flight, so that no listen backlog overflows), sends one keep-alive request on each (an
+Ingress-shaped POST, as the throughput runs send) and reads its response, keeps them all open
+and reads VmRSS/VmHWM of the serving process(es) from /proc. Just
 before the connections are opened the kernel's peak-RSS mark is reset (`5` into
 /proc/PID/clear_refs), so that VmHWM is the peak *during* this measurement, not of the whole
 benchmark run. At the end every connection is reset (SO_LINGER 0): no TIME_WAIT sockets pile up
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.shapes import request
 
 CONNECT_CONCURRENCY = 128
 EXCHANGE_TIMEOUT_S = 10.0
@@ -95,14 +98,6 @@ def reset_peak_rss(pids: Sequence[int]) -> bool:
     return bool(pids)
 
 
-def _request(index: int, path: str, host_header: str) -> bytes:
-    body = b'{"idle":true}'
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-ID: idle-{index:05d}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
 def _response_complete(data: bytes) -> tuple[bool, int]:
     """(complete, status) for a buffered response with a Content-Length (or none: empty body)."""
     head_end = data.find(b"\r\n\r\n")
@@ -169,16 +164,15 @@ def _count_open(sockets: Sequence[socket.socket]) -> int:
 
 
 async def _open_all(
-    address: tuple[str, int], count: int, path: str
+    address: tuple[str, int], count: int, path: str, shape: str
 ) -> tuple[list[socket.socket], list[str], int]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    host_header = f"{address[0]}:{address[1]}"
 
     async def one(index: int) -> socket.socket:
         async with gate:
             return await asyncio.wait_for(
-                _open_one(loop, address, _request(index, path, host_header)), EXCHANGE_TIMEOUT_S
+                _open_one(loop, address, request(shape, index, path)), EXCHANGE_TIMEOUT_S
             )
 
     results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
@@ -187,12 +181,17 @@ async def _open_all(
     return sockets, errors[:MAX_ERROR_SAMPLES], len(errors)
 
 
-def measure_idle(address: tuple[str, int], pids: Sequence[int], count: int, path: str) -> IdleResult:
-    """Open `count` idle keep-alive connections to `address` and read the memory of `pids`."""
+def measure_idle(
+    address: tuple[str, int], pids: Sequence[int], count: int, path: str, shape: str = "ingress"
+) -> IdleResult:
+    """Open `count` idle keep-alive connections to `address` and read the memory of `pids`.
+
+    Each connection first sends request number i of `shape` (bench/shapes.py) to `path`.
+    """
     hwm_reset = reset_peak_rss(pids)
     rss_before = _sum_field(pids, "VmRSS")
     start = time.monotonic()
-    sockets, samples, failed = asyncio.run(_open_all(address, count, path))
+    sockets, samples, failed = asyncio.run(_open_all(address, count, path, shape))
     open_s = time.monotonic() - start
     try:
         time.sleep(SETTLE_S)

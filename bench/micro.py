@@ -17,15 +17,23 @@ Topology rebuild (64 groups x 16 pods, configs from `gateway.config.parse_shard_
 `TopologyBuilder.build` after a pod-only change (one endpoint of one group replaced: the ring is
 reused) and after a weight change (one group's weight: the ring is rebuilt inside `build`).
 Alternating between two configs makes every timed build a real change.
+
+The harness runs this module as `python -m bench.micro --calls N --repeats N` (JSON on stdout)
+with the interpreter and environment of each shardgate system, so that each build (compiled,
+`SHARDGATE_PURE_PYTHON=1`) is measured in a process that imported that build and nothing else.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import statistics
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.config import ShardConfig, parse_shard_config
@@ -182,3 +190,37 @@ def run_micro(calls: int, repeats: int) -> MicroResult:
     routing = [bench_routing(groups, pods, calls, repeats) for groups, pods in SHAPES]
     rebuild = bench_rebuild(*REBUILD_SHAPE, repeats)
     return MicroResult(calls=calls, repeats=repeats, routing=routing, rebuild=rebuild)
+
+
+def run_micro_process(
+    python: str, env: Mapping[str, str], cwd: Path, calls: int, repeats: int, timeout: float = 1800.0
+) -> dict[str, Any]:
+    """`run_micro` in a child process (``python -m bench.micro``); its JSON document."""
+    result = subprocess.run(
+        [python, "-m", "bench.micro", "--calls", str(calls), "--repeats", str(repeats)],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        detail = (result.stderr.strip() or result.stdout.strip())[-800:]
+        raise RuntimeError(f"python -m bench.micro exited with status {result.returncode}: {detail}")
+    document: dict[str, Any] = json.loads(lines[-1])
+    return document
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=200_000, help="routing calls per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats")
+    args = parser.parse_args(argv)
+    print(json.dumps(run_micro(args.calls, args.repeats).to_json()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,24 +1,27 @@
 """Benchmark shardgate against nginx and HAProxy in front of the same backends, in one sitting.
 
-    python -m bench.run [--runs 5] [--duration 10] [--warmup 2] [--systems shardgate,nginx,haproxy]
-                        [--skip throughput,latency,transfer,rss,micro]
+    python -m bench.run [--runs 5] [--duration 10] [--warmup 2]
+                        [--systems shardgate,shardgate-pure,nginx,haproxy] [--shapes ingress,bare]
+                        [--skip throughput,latency,transfer,rss,micro] [--record NAME]
 
-One run measures, in this order: the in-process micro-benchmarks (routing decision, topology
-rebuild), throughput (wrk -c64), latency at concurrency 1 (proxy and direct, hence the latency a
-proxy adds), upload and download rates (1 MiB POSTs, 10 MiB GETs), and the memory of each proxy
-holding 10,000 idle keep-alive client connections. Within each measurement the runs alternate
-between the systems (A, B, C, A, B, C, ...) so that machine drift hits all of them alike; each
-measured wrk run is preceded by a short unmeasured warm-up against the same system. A "direct" row
-(wrk straight at one backend) is the reference ceiling. The medians, ratios to nginx, target
-verdicts and every run's figures go to stdout (one table) and to bench/results/latest.json.
+One run measures, in this order: the micro-benchmarks (routing decision, topology rebuild; in a
+process of each gateway build), throughput (wrk -c64), latency at concurrency 1 (proxy and
+direct, hence the latency a proxy adds), upload and download rates (1 MiB POSTs, 10 MiB GETs),
+and the memory of each proxy holding 10,000 idle keep-alive connections. Throughput and latency
+are measured with Ingress-shaped requests (what ingress-nginx forwards; the targets judge these)
+and with bare ones. Within each measurement the runs alternate between the systems (A, B, C, A,
+B, C, ...) so that machine drift hits all of them alike; each measured wrk run is preceded by a
+short unmeasured warm-up against the same system. A "direct" row (wrk straight at one backend) is
+the reference ceiling. shardgate takes its config from the Kubernetes source (an API-server
+double), as in production. The medians, ratios to nginx, target verdicts and every run's
+figures go to stdout (one table), to bench/results/latest.json and latest.md, and with
+`--record NAME` to bench/results/NAME.json and NAME.md (to be committed).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -29,36 +32,53 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.idle import measure_idle
-from bench.micro import MicroResult, run_micro
-from bench.procs import Managed, StartupError, Supervisor, free_ports, raise_nofile_limit
-from bench.report import PHASES, SystemRecord, format_table, summarize, write_json
-from bench.systems import (
-    DIRECT,
+from bench.build import probe_build
+from bench.configs import (
     DOWNLOAD_BYTES,
     DOWNLOAD_PATH,
     GROUPS,
     HOST,
     PODS_PER_GROUP,
     PROBE_PATH,
-    PROXY_SYSTEMS,
-    REPO_ROOT,
     UPLOAD_BYTES,
     UPLOAD_PATH,
+    render_shard_config,
+)
+from bench.headers import CaptureServer, check_headers
+from bench.idle import measure_idle
+from bench.k8s import start_apiserver
+from bench.machine import describe_machine
+from bench.micro import run_micro_process
+from bench.procs import Managed, StartupError, Supervisor, free_ports, raise_nofile_limit
+from bench.report import PHASES, SystemRecord, micro_failed, summarize, write_json, write_text
+from bench.shapes import LABELS, SHAPES, write_requests
+from bench.systems import (
+    DIRECT,
+    PROXY_SYSTEMS,
+    REPO_ROOT,
+    SHARDGATE_SYSTEMS,
+    KubernetesSource,
     Target,
+    gateway_python,
     serving_pids,
+    shardgate_env,
     start_backends,
     start_haproxy,
     start_nginx_proxy,
     start_shardgate,
 )
-from bench.tools import ToolError, ensure_tools, version
+from bench.tables import format_markdown, format_table
+from bench.tools import ToolError, ensure_tools
 from bench.wrk import TRANSFER_SCRIPT, WrkError, WrkResult, run_wrk
+from gateway.config import parse_shard_config
+from gateway.ring import config_epoch
 
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "latest.json"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+DEFAULT_OUTPUT = RESULTS_DIR / "latest.json"
 MIB = 1024 * 1024
 TRANSFER_TIMEOUT_S = 10  # wrk per-request timeout for 1 MiB / 10 MiB requests
 FD_HEADROOM = 512  # file descriptors the harness keeps for itself beside the idle connections
+RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def _positive_int(text: str) -> int:
@@ -75,21 +95,31 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _systems(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    allowed = (*PROXY_SYSTEMS, DIRECT)
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
-    return list(dict.fromkeys(names))  # keep order, drop repeats
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
+        return list(dict.fromkeys(names))  # keep order, drop repeats
+
+    return parse
 
 
-def _phases(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PHASES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(PHASES)} (got {text!r})")
-    return list(dict.fromkeys(names))
+def _non_empty(parse: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    def checked(text: str) -> list[str]:
+        names = parse(text)
+        if not names:
+            raise argparse.ArgumentTypeError("name at least one")
+        return names
+
+    return checked
+
+
+def _record_name(text: str) -> str:
+    if not RECORD_NAME.fullmatch(text) or text == "latest":
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '.', '_', '-' (and not 'latest')")
+    return text
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--runs",
         type=_positive_int,
         default=5,
-        help="measured throughput runs per system (default 5: the figure the targets judge is their median)",
+        help="measured throughput runs per system and shape (default 5: the targets judge the median)",
     )
     parser.add_argument(
         "--duration", type=_positive_int, default=10, help="seconds per throughput run (default 10)"
@@ -108,14 +138,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--systems",
-        type=_systems,
+        type=_non_empty(_choices((*PROXY_SYSTEMS, DIRECT))),
         default=list(PROXY_SYSTEMS),
-        help="comma-separated, in rotation order (default shardgate,nginx,haproxy)",
+        help=f"comma-separated, in rotation order (default {','.join(PROXY_SYSTEMS)})",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=_non_empty(_choices(SHAPES)),
+        default=list(SHAPES),
+        help="request shapes of the throughput and latency rows (default ingress,bare; targets: ingress)",
     )
     parser.add_argument("--no-direct", action="store_true", help="skip the direct-to-backend reference row")
     parser.add_argument(
         "--skip",
-        type=_phases,
+        type=_choices(PHASES),
         default=[],
         help=f"comma-separated measurements to leave out: {','.join(PHASES)}",
     )
@@ -128,7 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--latency-runs",
         type=_positive_int,
         default=None,
-        help="concurrency-1 runs per system (default 2 x min(--runs, 3) + 1: short runs, many alternations)",
+        help="concurrency-1 runs per system and shape (default 2 x min(--runs, 3) + 1)",
     )
     parser.add_argument(
         "--transfer-runs",
@@ -157,7 +193,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--micro-repeats", type=_positive_int, default=5, help="micro-benchmark repeats (default 5)"
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path")
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path (Markdown beside it, .md)"
+    )
+    parser.add_argument(
+        "--record",
+        type=_record_name,
+        metavar="NAME",
+        help="also write NAME.json and NAME.md into --results-dir: a run to commit and quote",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where --record writes (default bench/results)"
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install missing tools")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (configs, logs)")
     parser.add_argument(
@@ -179,44 +226,70 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _host_info() -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_start": list(load) if load else None,
-        "python": platform.python_version(),
-        "nginx": version("nginx"),
-        "haproxy": version("haproxy"),
-        "wrk": version("wrk"),
-    }
+def shard_epoch() -> str:
+    """The epoch the gateway computes for the benchmark's shard config (nginx and HAProxy send it too)."""
+    return config_epoch(parse_shard_config(render_shard_config()))
+
+
+class Sitting:
+    """What the systems of one sitting share: supervisor, temp dir, backends, config source."""
+
+    def __init__(self, args: argparse.Namespace, sup: Supervisor, workdir: Path) -> None:
+        self.args = args
+        self.sup = sup
+        self.workdir = workdir
+        self.epoch = shard_epoch()
+        self.backend_ports = free_ports(GROUPS * PODS_PER_GROUP)
+        self.backends: Managed | None = None
+        self.source: KubernetesSource | None = None
+
+    def start_backends(self, capture: CaptureServer) -> Managed:
+        ports = ",".join(map(str, self.backend_ports))
+        _log(f"starting backends on {HOST}:{ports} (temp dir {self.workdir})")
+        self.backends = start_backends(self.sup, self.workdir, self.backend_ports, capture.path)
+        return self.backends
+
+    def start_source(self) -> KubernetesSource:
+        (port,) = free_ports(1)
+        _log(f"starting the Kubernetes API-server double on {HOST}:{port}")
+        _, kubeconfig = start_apiserver(
+            self.sup, self.workdir, gateway_python(), port, self.backend_ports, REPO_ROOT,
+            self.args.startup_timeout,
+        )  # fmt: skip
+        self.source = KubernetesSource(kubeconfig)
+        return self.source
+
+    def start(self, name: str, port: int) -> Target:
+        args, sup, workdir, ports = self.args, self.sup, self.workdir, self.backend_ports
+        timeout, clients = args.startup_timeout, args.rss_connections
+        if name == "nginx":
+            return start_nginx_proxy(sup, workdir, port, ports, self.epoch, timeout, clients)
+        if name == "haproxy":
+            return start_haproxy(sup, workdir, port, ports, self.epoch, timeout, clients)
+        source = self.source or self.start_source()
+        (admin,) = free_ports(1)
+        return start_shardgate(sup, name, port, admin, source, timeout)
 
 
 def _start_systems(
-    names: Sequence[str],
-    sup: Supervisor,
-    workdir: Path,
-    backend_ports: Sequence[int],
-    records: dict[str, SystemRecord],
-    args: argparse.Namespace,
+    names: Sequence[str], sitting: Sitting, records: dict[str, SystemRecord]
 ) -> dict[str, Target]:
-    listen_ports = free_ports(len(names) + 1)
-    admin_port = listen_ports.pop()
-    timeout, clients = args.startup_timeout, args.rss_connections
-    starters: dict[str, Callable[[int], Target]] = {
-        "nginx": lambda port: start_nginx_proxy(sup, workdir, port, backend_ports, timeout, clients),
-        "haproxy": lambda port: start_haproxy(sup, workdir, port, backend_ports, timeout, clients),
-        "shardgate": lambda port: start_shardgate(sup, workdir, port, admin_port, backend_ports, timeout),
-    }
     targets: dict[str, Target] = {}
-    for name, port in zip(names, listen_ports, strict=True):
-        _log(f"starting {name} on 127.0.0.1:{port}")
+    for name, port in zip(names, free_ports(len(names)), strict=True):
+        _log(f"starting {name} on {HOST}:{port}")
         try:
-            targets[name] = starters[name](port)
+            target = targets[name] = sitting.start(name, port)
         except (StartupError, RuntimeError, OSError) as exc:
             records[name].failure = f"did not start: {exc}"
             _log(f"{name} FAILED to start: {exc}")
+            continue
+        record = records[name]
+        record.build, record.config_source = target.build, target.config_source
+        if record.build is not None:
+            _log(f"{name} runs the {record.build.build} build of the gateway")
+        record.headers = check_headers(port, sitting.epoch)
+        for problem in record.headers.problems:
+            _log(f"{name} header check: {problem}")
     return targets
 
 
@@ -229,11 +302,13 @@ class Bench:
         records: dict[str, SystemRecord],
         targets: dict[str, Target],
         backends: Managed,
+        requests: dict[str, Path],
     ) -> None:
         self.args = args
         self.records = records
         self.targets = targets
         self.backends = backends
+        self.requests = requests  # shape -> pre-formatted requests file for post.lua
 
     def _active(self, *, proxies_only: bool = False) -> list[tuple[SystemRecord, Target]]:
         return [
@@ -256,95 +331,93 @@ class Bench:
     def _rotate(
         self,
         phase: str,
-        measure: Callable[[Target], WrkResult],
-        store: Callable[[SystemRecord], list[WrkResult]],
+        variants: Sequence[str],
+        measure: Callable[[Target, str], WrkResult],
+        store: Callable[[SystemRecord, str], list[WrkResult]],
         describe: Callable[[WrkResult], str],
-        rounds: int | None = None,
+        rounds: int,
     ) -> None:
-        args = self.args
-        rounds = args.runs if rounds is None else rounds
+        """`rounds` rounds; in each, every active system is measured once per variant, in turn."""
         for round_no in range(1, rounds + 1):
             for record, target in self._active():
-                label = f"{phase} run {round_no}"
-                try:
-                    result = measure(target)
-                except (WrkError, subprocess.TimeoutExpired, OSError) as exc:
-                    record.failure = f"{label}: {exc}"
-                    _log(f"{record.name} {label} FAILED: {exc}")
-                    continue
-                store(record).append(result)
-                progress = f"{phase} {round_no}/{rounds} {record.name:9s}"
-                _log(f"{progress} {describe(result)}  errors {result.errors}")
-                self._checked(record, target, label)
+                for variant in variants:
+                    if record.failure is not None:
+                        break
+                    label = f"{phase} {variant} run {round_no}"
+                    try:
+                        result = measure(target, variant)
+                    except (WrkError, subprocess.TimeoutExpired, OSError) as exc:
+                        record.failure = f"{label}: {exc}"
+                        _log(f"{record.name} {label} FAILED: {exc}")
+                        continue
+                    store(record, variant).append(result)
+                    progress = f"{phase} {variant:8s} {round_no}/{rounds} {record.name:14s}"
+                    _log(f"{progress} {describe(result)}  errors {result.errors}")
+                    self._checked(record, target, label)
+
+    def _post(self, target: Target, shape: str, duration: int, connections: int, threads: int) -> WrkResult:
+        options: dict[str, Any] = {
+            "connections": connections,
+            "threads": threads,
+            "script_args": (str(self.requests[shape]),),
+        }
+        if self.args.warmup:
+            run_wrk(target.url, duration=self.args.warmup, **options)
+        return run_wrk(target.url, duration=duration, **options)
 
     def throughput(self) -> None:
         args = self.args
-
-        def measure(target: Target) -> WrkResult:
-            options = {"connections": args.connections, "threads": args.threads}
-            if args.warmup:
-                run_wrk(target.url, duration=args.warmup, **options)
-            return run_wrk(target.url, duration=args.duration, **options)
-
         self._rotate(
             "throughput",
-            measure,
-            lambda record: record.runs,
+            args.shapes,
+            lambda target, shape: self._post(target, shape, args.duration, args.connections, args.threads),
+            lambda record, shape: record.throughput.setdefault(shape, []),
             lambda r: f"{r.rps:10,.0f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms",
+            args.runs,
         )
 
     def latency(self) -> None:
         args = self.args
-
-        def measure(target: Target) -> WrkResult:
-            if args.warmup:
-                run_wrk(target.url, duration=args.warmup, connections=1, threads=1)
-            return run_wrk(target.url, duration=args.latency_duration, connections=1, threads=1)
-
         self._rotate(
             "latency",
-            measure,
-            lambda record: record.latency_runs,
+            args.shapes,
+            lambda target, shape: self._post(target, shape, args.latency_duration, 1, 1),
+            lambda record, shape: record.latency.setdefault(shape, []),
             lambda r: f"p50 {r.p50_ms * 1e3:7.0f} us  mean {(r.mean_ms or 0) * 1e3:7.0f} us",
-            rounds=args.latency_runs,
+            args.latency_runs,
         )
 
-    def transfer(self) -> None:
+    def _transfer_once(self, target: Target, kind: str) -> WrkResult:
         args = self.args
-        kinds = {
-            "upload": ("POST", UPLOAD_PATH, UPLOAD_BYTES),
-            "download": ("GET", DOWNLOAD_PATH, DOWNLOAD_BYTES),
+        method, path, size = ("POST", UPLOAD_PATH, UPLOAD_BYTES) if kind == "upload" else (
+            "GET", DOWNLOAD_PATH, DOWNLOAD_BYTES)  # fmt: skip
+        options: dict[str, Any] = {
+            "connections": args.transfer_connections,
+            "threads": 1,
+            "timeout_s": TRANSFER_TIMEOUT_S,
+            "script": TRANSFER_SCRIPT,
+            "script_args": (method, path, str(size if method == "POST" else 0)),
         }
-        for kind, (method, path, size) in kinds.items():
+        url = target.url_for(path)
+        if args.warmup:
+            run_wrk(url, duration=args.warmup, **options)
+        result = run_wrk(url, duration=args.transfer_duration, **options)
+        if method == "GET" and result.read_bytes is not None:
+            moved = result.read_bytes  # partial responses count too
+        else:
+            moved = result.requests * size  # wrk does not count bytes written
+        result.mib_s = moved / MIB / result.duration_s if result.duration_s else None
+        return result
 
-            def measure(
-                target: Target, method: str = method, path: str = path, size: int = size
-            ) -> WrkResult:
-                body = size if method == "POST" else 0
-                options: dict[str, Any] = {
-                    "connections": args.transfer_connections,
-                    "threads": 1,
-                    "timeout_s": TRANSFER_TIMEOUT_S,
-                    "script": TRANSFER_SCRIPT,
-                    "script_args": (method, path, str(body)),
-                }
-                url = target.url_for(path)
-                if args.warmup:
-                    run_wrk(url, duration=args.warmup, **options)
-                result = run_wrk(url, duration=args.transfer_duration, **options)
-                if method == "GET" and result.read_bytes is not None:
-                    moved = result.read_bytes  # partial responses count too
-                else:
-                    moved = result.requests * size  # wrk does not count bytes written
-                result.mib_s = moved / MIB / result.duration_s if result.duration_s else None
-                return result
-
+    def transfer(self) -> None:
+        for kind in ("upload", "download"):
             self._rotate(
                 kind,
-                measure,
-                lambda record, kind=kind: record.upload_runs if kind == "upload" else record.download_runs,
+                [kind],
+                self._transfer_once,
+                lambda record, kind: record.upload_runs if kind == "upload" else record.download_runs,
                 lambda r: f"{r.mib_s or 0:8,.0f} MiB/s  ({r.requests} requests)",
-                rounds=args.transfer_runs,
+                self.args.transfer_runs,
             )
 
     def idle_connections(self) -> None:
@@ -364,7 +437,7 @@ class Bench:
             record.idle = result
             rss = f"{result.rss_kb / 1024:.1f} MiB" if result.rss_kb is not None else "?"
             _log(
-                f"idle {record.name:9s} {result.still_open:,}/{count:,} open in {result.open_s:.1f}s,"
+                f"idle {record.name:14s} {result.still_open:,}/{count:,} open in {result.open_s:.1f}s,"
                 f" RSS {rss}, failed {result.failed}"
             )
             self._checked(record, target, "the idle-connections measurement")
@@ -381,45 +454,53 @@ def run_bench(args: argparse.Namespace, workdir: Path, sup: Supervisor) -> list[
     if not wrk_phases:
         return list(records.values())
 
-    backend_ports = free_ports(GROUPS * PODS_PER_GROUP)
-    _log(f"starting backends on 127.0.0.1:{','.join(map(str, backend_ports))} (temp dir {workdir})")
-    backends = start_backends(sup, workdir, backend_ports)
-    targets = _start_systems(proxies, sup, workdir, backend_ports, records, args)
-    if with_direct:
-        targets[DIRECT] = Target(DIRECT, backend_ports[0], None, reference=True)
-
-    bench = Bench(args, records, targets, backends)
-    steps: dict[str, Callable[[], None]] = {
-        "throughput": bench.throughput,
-        "latency": bench.latency,
-        "transfer": bench.transfer,
-        "rss": bench.idle_connections,
-    }
-    for phase in wrk_phases:
-        steps[phase]()
+    requests = {shape: write_requests(workdir / f"requests-{shape}.bin", shape) for shape in args.shapes}
+    sitting = Sitting(args, sup, workdir)
+    capture = CaptureServer(workdir / "capture.sock").start()
+    try:
+        backends = sitting.start_backends(capture)
+        targets = _start_systems(proxies, sitting, records)
+        if with_direct:
+            targets[DIRECT] = Target(DIRECT, sitting.backend_ports[0], None, reference=True)
+        bench = Bench(args, records, targets, backends, requests)
+        steps: dict[str, Callable[[], None]] = {
+            "throughput": bench.throughput,
+            "latency": bench.latency,
+            "transfer": bench.transfer,
+            "rss": bench.idle_connections,
+        }
+        for phase in wrk_phases:
+            steps[phase]()
+    finally:
+        capture.stop()
     return list(records.values())
 
 
-def _micro(args: argparse.Namespace) -> tuple[MicroResult | None, str | None]:
-    if "micro" in args.skip:
-        return None, None
-    _log(f"micro-benchmarks: {args.micro_repeats} x {args.micro_calls:,} routing calls, topology rebuilds")
-    try:
-        result = run_micro(args.micro_calls, args.micro_repeats)
-    except Exception as exc:  # a gateway bug must not cost the rest of the benchmark
-        _log(f"micro-benchmarks FAILED: {exc!r}")
-        return None, repr(exc)
-    for routing in result.routing:
+def run_micro(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The micro-benchmarks in a process of each selected gateway build."""
+    builds = [name for name in args.systems if name in SHARDGATE_SYSTEMS]
+    if "micro" in args.skip or not builds:
+        return None
+    systems: dict[str, Any] = {}
+    for name in builds:
         _log(
-            f"micro {routing.groups}x{routing.pods_per_group}: route hot {routing.hot_us:.2f} us,"
-            f" cold {routing.cold_us:.2f} us"
+            f"micro-benchmarks ({name}): {args.micro_repeats} x {args.micro_calls:,} routing calls, rebuilds"
         )
-    rebuild = result.rebuild
-    _log(
-        f"micro rebuild: pod change {rebuild.pod_change_ms:.1f} ms,"
-        f" weight change {rebuild.weight_change_ms:.1f} ms"
-    )
-    return result, None
+        env = shardgate_env(name)
+        try:
+            result = run_micro_process(gateway_python(), env, REPO_ROOT, args.micro_calls, args.micro_repeats)
+        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            _log(f"micro-benchmarks ({name}) FAILED: {exc}")
+            systems[name] = {"failure": str(exc)}
+            continue
+        result["build"] = probe_build(gateway_python(), env, REPO_ROOT).build
+        for routing in result["routing"]:
+            _log(
+                f"micro {name} {routing['groups']}x{routing['pods_per_group']}: route hot"
+                f" {routing['hot_us']:.2f} us, cold {routing['cold_us']:.2f} us ({result['build']} build)"
+            )
+        systems[name] = result
+    return {"calls": args.micro_calls, "repeats": args.micro_repeats, "systems": systems}
 
 
 def _fd_limits(args: argparse.Namespace) -> tuple[int, int, str | None]:
@@ -438,7 +519,49 @@ def _fd_limits(args: argparse.Namespace) -> tuple[int, int, str | None]:
     return soft, hard, limited
 
 
+def _params(args: argparse.Namespace, argv: Sequence[str], records: list[SystemRecord]) -> dict[str, Any]:
+    return {
+        "argv": list(argv),
+        "runs": args.runs,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "threads": args.threads,
+        "systems": [record.name for record in records],
+        "shapes": args.shapes,
+        "shape_labels": {shape: LABELS[shape] for shape in args.shapes},
+        "skip": args.skip,
+        "latency_duration_s": args.latency_duration,
+        "latency_runs": args.latency_runs,
+        "transfer_runs": args.transfer_runs,
+        "transfer_duration_s": args.transfer_duration,
+        "transfer_connections": args.transfer_connections,
+        "upload_bytes": UPLOAD_BYTES,
+        "download_bytes": DOWNLOAD_BYTES,
+        "rss_connections": args.rss_connections,
+        "micro_calls": args.micro_calls,
+        "micro_repeats": args.micro_repeats,
+        "backends": f"nginx, {GROUPS} groups x {PODS_PER_GROUP} pods, 1 worker: return 200;"
+        f" {UPLOAD_PATH} reads the body; {DOWNLOAD_PATH} static (sendfile)",
+        "shardgate_source": "kubernetes: ConfigMap shards/shardgate-shards (3 groups, service + port http),"
+        " one EndpointSlice per pod; API-server double tests/k8s/apiserver.py in its own process",
+        "epoch": shard_epoch(),
+    }
+
+
+def _write_reports(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    write_json(summary, args.output)
+    write_text(format_markdown(summary), args.output.with_suffix(".md"))
+    _log(f"wrote {args.output} and {args.output.with_suffix('.md').name}")
+    if args.record:
+        base = args.results_dir / args.record
+        write_json(summary, base.with_suffix(".json"))
+        write_text(format_markdown(summary, args.record), base.with_suffix(".md"))
+        _log(f"recorded {base}.json and {base}.md: commit them with the README that quotes them")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     needs_systems = any(phase not in args.skip for phase in ("throughput", "latency", "transfer", "rss"))
     needed = ({"wrk", "nginx"} if needs_systems else set()) | (
@@ -450,15 +573,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(str(exc))
         return 2
 
-    host = _host_info()
+    host = describe_machine(REPO_ROOT)
     wanted_rss = args.rss_connections
     soft, hard, rss_limited = _fd_limits(args)  # before any child starts: they inherit it
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = Path(tempfile.mkdtemp(prefix="shardgate-bench-"))
     sup = Supervisor(workdir)
     try:
-        # First, while nothing else of ours runs: the in-process micro-benchmarks.
-        micro, micro_failure = _micro(args)
+        # First, while nothing else of ours runs: the micro-benchmarks.
+        micro = run_micro(args)
         records = run_bench(args, workdir, sup)
     except KeyboardInterrupt:
         _log("interrupted; stopping everything")
@@ -475,35 +598,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    params = {
-        "runs": args.runs,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "connections": args.connections,
-        "threads": args.threads,
-        "systems": [record.name for record in records],
-        "skip": args.skip,
-        "latency_duration_s": args.latency_duration,
-        "latency_runs": args.latency_runs,
-        "transfer_runs": args.transfer_runs,
-        "transfer_duration_s": args.transfer_duration,
-        "transfer_connections": args.transfer_connections,
-        "upload_bytes": UPLOAD_BYTES,
-        "download_bytes": DOWNLOAD_BYTES,
-        "rss_connections": args.rss_connections,
-        "rss_connections_asked": wanted_rss,
-        "rss_limited_by": rss_limited,
-        "nofile_limit": {"soft": soft, "hard": hard},
-        "micro_calls": args.micro_calls,
-        "micro_repeats": args.micro_repeats,
-        "backends": f"nginx, {GROUPS} groups x {PODS_PER_GROUP} pods, 1 worker: return 200;"
-        f" {UPLOAD_PATH} reads the body; {DOWNLOAD_PATH} static (sendfile)",
-    }
-    summary = summarize(records, params, host, micro, micro_failure)
+    params = _params(args, argv, records)
+    params.update(
+        rss_connections_asked=wanted_rss,
+        rss_limited_by=rss_limited,
+        nofile_limit={"soft": soft, "hard": hard},
+    )
+    summary = summarize(records, params, host, micro)
     print(format_table(summary), flush=True)
-    write_json(summary, args.output)
-    _log(f"wrote {args.output}")
-    clean = all(record.status in ("ok", "not-run") for record in records) and micro_failure is None
+    _write_reports(summary, args)
+    clean = all(record.status in ("ok", "not-run") for record in records) and not micro_failed(micro)
     return 0 if clean else 1
 
 

@@ -1,44 +1,52 @@
-"""The systems under test and the backends they share: config rendering and startup.
+"""The systems under test and the backends they share: startup, readiness, serving processes.
 
 Topology (all on 127.0.0.1): one nginx master with one worker serves 6 ports; they form 3 shard
-groups x 2 pods. Each port answers `return 200` on every path except two used by the transfer
-measurements: `POST /upload` reads the whole request body (up to 2 MiB, in memory) before it
-answers, and `GET /files/10MiB.bin` is a static file (sendfile). Each proxy runs one worker with
-keep-alive upstream pools: nginx (`hash $http_user_id consistent` over the 6 servers), HAProxy
-(`balance hdr(User-ID)` + `hash-type consistent` over the 6 servers) and shardgate (ring over the
-3 groups).
+groups x 2 pods. Each port answers `return 200` on every path except those of the transfer
+measurements (`POST /upload` reads the whole request body before it answers, `GET
+/files/10MiB.bin` is a static file) and of the header check (`/headers`, see bench/headers.py).
+Each proxy runs one worker with keep-alive upstream pools: nginx (`hash $http_user_id
+consistent` over the 6 servers), HAProxy (`balance hdr(User-ID)` + `hash-type consistent` over
+the 6 servers) and shardgate (ring over the 3 groups; its config from the Kubernetes source, see
+bench/k8s.py), in two builds: `shardgate` (compiled where installed) and `shardgate-pure`
+(`SHARDGATE_PURE_PYTHON=1`). Config files: bench/configs.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import pwd
 import subprocess
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from bench.build import BuildInfo, loaded_extensions, probe_build
+from bench.configs import (
+    CONFIGMAP,
+    DEFAULT_MAX_CLIENTS,
+    DOWNLOAD_BYTES,
+    DOWNLOAD_PATH,
+    HOST,
+    KEY_HEADER,
+    NAMESPACE,
+    PROBE_PATH,
+    render_backends_nginx,
+    render_haproxy,
+    render_proxy_nginx,
+)
 from bench.procs import Managed, Supervisor, http_status, wait_until
 from bench.tools import find_tool
 
-HOST = "127.0.0.1"
-GROUPS = 3
-PODS_PER_GROUP = 2
-KEY_HEADER = "User-ID"
-PROBE_PATH = "/orders"
 PROBE_HEADERS = {KEY_HEADER: "user-probe", "Content-Type": "application/json"}
 PROBE_BODY = b'{"probe":true}'
 
-UPLOAD_PATH = "/upload"
-UPLOAD_BYTES = 1024 * 1024
-DOWNLOAD_PATH = "/files/10MiB.bin"
-DOWNLOAD_BYTES = 10 * 1024 * 1024
-# Client connections every proxy must accept at once (the idle-connections measurement adds
-# this many to its usual few dozen); configs are sized from it.
-DEFAULT_MAX_CLIENTS = 4096
-
-PROXY_SYSTEMS = ("shardgate", "nginx", "haproxy")
+SHARDGATE_SYSTEMS = ("shardgate", "shardgate-pure")
+PROXY_SYSTEMS = (*SHARDGATE_SYSTEMS, "nginx", "haproxy")
 DIRECT = "direct"
+PURE_PYTHON_ENV = "SHARDGATE_PURE_PYTHON"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +59,8 @@ class Target:
     port: int
     process: Managed | None  # None: not a process of its own (the direct backend row)
     reference: bool = False
+    build: BuildInfo | None = None  # shardgate systems: the gateway build it runs
+    config_source: dict[str, Any] | None = None  # shardgate systems: what /debug/ring said at start
 
     @property
     def url(self) -> str:
@@ -60,181 +70,14 @@ class Target:
         return f"http://{HOST}:{self.port}{path}"
 
 
-# ---------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class KubernetesSource:
+    """Where the gateway finds its config: the API-server double's kubeconfig."""
+
+    kubeconfig: Path
 
 
-def _nginx_user_directive() -> str:
-    # As root, nginx would switch its worker to `nobody`, which cannot enter our private temp
-    # dir; keep the worker as the current user. As non-root the directive is ignored with a
-    # warning, so only emit it for root.
-    if os.geteuid() != 0:
-        return ""
-    return f"user {pwd.getpwuid(os.geteuid()).pw_name};"
-
-
-def _nginx_main(prefix: Path, worker_connections: int = 4096) -> list[str]:
-    """Everything up to and including the opening of the `http` block."""
-    temp = prefix / "tmp"
-    return [
-        _nginx_user_directive(),
-        "worker_processes 1;",
-        "daemon off;",
-        "master_process on;",
-        f"pid {prefix / 'nginx.pid'};",
-        f"error_log {prefix / 'error.log'} warn;",
-        f"events {{ worker_connections {worker_connections}; }}",
-        "http {",
-        "    access_log off;",
-        "    keepalive_timeout 75s;",
-        "    keepalive_requests 1000000;",
-        f"    client_body_temp_path {temp / 'body'};",
-        f"    proxy_temp_path {temp / 'proxy'};",
-        f"    fastcgi_temp_path {temp / 'fastcgi'};",
-        f"    uwsgi_temp_path {temp / 'uwsgi'};",
-        f"    scgi_temp_path {temp / 'scgi'};",
-    ]
-
-
-def _lines(lines: list[str]) -> str:
-    return "\n".join(line for line in lines if line) + "\n"
-
-
-def render_backends_nginx(prefix: Path, ports: Sequence[int]) -> str:
-    # nginx's `return` answers before it has read a request body (it discards the body
-    # afterwards), so an upload would be acknowledged early. `proxy_pass` with request
-    # buffering on (the default) reads the whole body first: into memory, as it fits
-    # client_body_buffer_size. Only the head goes on (`proxy_pass_request_body off`), to a
-    # `return 200` on a unix socket: the backend really receives every byte, cheaply.
-    sink = prefix / "sink.sock"
-
-    def server(port: int) -> list[str]:
-        return [
-            "    server {",
-            f"        listen {HOST}:{port};",
-            '        location / { return 200 "ok\\n"; }',
-            f"        location = {UPLOAD_PATH} {{",
-            "            client_max_body_size 2m;",
-            "            client_body_buffer_size 2m;",
-            "            proxy_pass http://sink;",
-            "            proxy_http_version 1.1;",
-            '            proxy_set_header Connection "";',
-            "            proxy_pass_request_body off;",
-            '            proxy_set_header Content-Length "";',
-            "        }",
-            f"        location /files/ {{ root {prefix / 'www'}; sendfile on; tcp_nopush on; }}",
-            "    }",
-        ]
-
-    return _lines(
-        [
-            *_nginx_main(prefix),
-            f"    upstream sink {{ server unix:{sink}; keepalive 64; }}",
-            f'    server {{ listen unix:{sink}; location / {{ return 200 "ok\\n"; }} }}',
-            *(line for port in ports for line in server(port)),
-            "}",
-        ]
-    )
-
-
-def render_proxy_nginx(
-    prefix: Path, listen: int, backend_ports: Sequence[int], max_clients: int = DEFAULT_MAX_CLIENTS
-) -> str:
-    upstream = [
-        "            proxy_pass http://shards;",
-        "            proxy_http_version 1.1;",
-        '            proxy_set_header Connection "";',
-    ]
-    return _lines(
-        [
-            # Room for max_clients idle clients plus their upstream connections.
-            *_nginx_main(prefix, worker_connections=max(4096, max_clients + 1024)),
-            "    upstream shards {",
-            "        hash $http_user_id consistent;",
-            *(f"        server {HOST}:{port};" for port in backend_ports),
-            "        keepalive 64;",
-            "        keepalive_requests 1000000;",
-            "        keepalive_timeout 60s;",
-            "    }",
-            "    server {",
-            f"        listen {HOST}:{listen};",
-            "        location / {",
-            *upstream,
-            "        }",
-            # Transfers stream through, as they do through HAProxy and shardgate: with request
-            # buffering nginx would first store each 1 MiB upload (in a temp file, as it exceeds
-            # client_body_buffer_size) and only then start sending it upstream.
-            f"        location = {UPLOAD_PATH} {{",
-            "            client_max_body_size 20m;",
-            "            proxy_request_buffering off;",
-            *upstream,
-            "        }",
-            # Downloads: response buffering off, so nginx never spools a 10 MiB response to a
-            # temp file when the client reads slower than the backend writes.
-            "        location /files/ {",
-            "            proxy_buffering off;",
-            *upstream,
-            "        }",
-            "    }",
-            "}",
-        ]
-    )
-
-
-def render_haproxy(listen: int, backend_ports: Sequence[int], max_clients: int = DEFAULT_MAX_CLIENTS) -> str:
-    maxconn = max(4096, max_clients + 1024)
-    return _lines(
-        [
-            "global",
-            "    nbthread 1",
-            # haproxy wants ~2 fds per connection (client + server side) and, with strict limits
-            # (its default), refuses to start if RLIMIT_NOFILE cannot be raised that far. Idle
-            # clients need one fd each, and the harness raises the limit we inherit as far as
-            # it can: a warning is enough.
-            f"    maxconn {maxconn}",
-            "    no strict-limits",
-            "defaults",
-            "    mode http",
-            # The frontend's own limit (it defaults to something far lower in some versions).
-            f"    maxconn {maxconn}",
-            "    option http-keep-alive",
-            "    http-reuse always",
-            "    timeout connect 5s",
-            # Idle keep-alive clients are kept 60 s, like shardgate's default client idle
-            # timeout (nginx: keepalive_timeout 75s).
-            "    timeout client 60s",
-            "    timeout server 30s",
-            "    timeout http-keep-alive 60s",
-            "frontend bench",
-            f"    bind {HOST}:{listen}",
-            "    default_backend shards",
-            "backend shards",
-            f"    balance hdr({KEY_HEADER})",
-            "    hash-type consistent",
-            *(f"    server pod{index} {HOST}:{port}" for index, port in enumerate(backend_ports, 1)),
-        ]
-    )
-
-
-def render_shard_config(groups: Sequence[Sequence[int]]) -> str:
-    lines = [
-        "version: 1",
-        "routing:",
-        f"  key_header: {KEY_HEADER}",
-        "ring:",
-        "  vnodes: 160",
-        "groups:",
-    ]
-    for index, ports in enumerate(groups, 1):
-        endpoints = ", ".join(f'"{HOST}:{port}"' for port in ports)
-        lines += [f"  - name: group-{index}", f"    endpoints: [{endpoints}]"]
-    return "\n".join(lines) + "\n"
-
-
-def group_ports(backend_ports: Sequence[int]) -> list[list[int]]:
-    return [list(backend_ports[i : i + PODS_PER_GROUP]) for i in range(0, len(backend_ports), PODS_PER_GROUP)]
-
-
-# ---------------------------------------------------------------------------------- startup
+# ---------------------------------------------------------------------------------- nginx, HAProxy
 
 
 def _nginx_argv(prefix: Path, conf: Path) -> list[str]:
@@ -270,10 +113,12 @@ def write_download_file(prefix: Path) -> Path:
     return path
 
 
-def start_backends(sup: Supervisor, workdir: Path, ports: Sequence[int], timeout: float = 10.0) -> Managed:
+def start_backends(
+    sup: Supervisor, workdir: Path, ports: Sequence[int], capture_socket: Path, timeout: float = 10.0
+) -> Managed:
     prefix = workdir / "backends"
     write_download_file(prefix)
-    managed = _start_nginx(sup, "backends", prefix, render_backends_nginx(prefix, ports))
+    managed = _start_nginx(sup, "backends", prefix, render_backends_nginx(prefix, ports, capture_socket))
     wait_until(
         lambda: all(_probe_ok(port) for port in ports),
         what=f"backends on ports {', '.join(map(str, ports))}",
@@ -288,11 +133,12 @@ def start_nginx_proxy(
     workdir: Path,
     listen: int,
     backend_ports: Sequence[int],
+    epoch: str,
     timeout: float = 10.0,
     max_clients: int = DEFAULT_MAX_CLIENTS,
 ) -> Target:
     prefix = workdir / "nginx-proxy"
-    conf = render_proxy_nginx(prefix, listen, backend_ports, max_clients)
+    conf = render_proxy_nginx(prefix, listen, backend_ports, epoch, max_clients)
     managed = _start_nginx(sup, "nginx", prefix, conf)
     wait_until(lambda: _probe_ok(listen), what="nginx proxy", timeout=timeout, watch=[managed])
     return Target("nginx", listen, managed)
@@ -303,11 +149,12 @@ def start_haproxy(
     workdir: Path,
     listen: int,
     backend_ports: Sequence[int],
+    epoch: str,
     timeout: float = 10.0,
     max_clients: int = DEFAULT_MAX_CLIENTS,
 ) -> Target:
     conf = workdir / "haproxy.cfg"
-    conf.write_text(render_haproxy(listen, backend_ports, max_clients))
+    conf.write_text(render_haproxy(listen, backend_ports, epoch, max_clients))
     haproxy = find_tool("haproxy")
     check = subprocess.run(
         [haproxy, "-c", "-q", "-f", str(conf)], capture_output=True, text=True, check=False
@@ -320,24 +167,36 @@ def start_haproxy(
     return Target("haproxy", listen, managed)
 
 
+# ---------------------------------------------------------------------------------- shardgate
+
+
 def gateway_python() -> str:
     venv_python = REPO_ROOT / ".venv" / "bin" / "python"
     return str(venv_python) if venv_python.exists() else os.environ.get("PYTHON", "python3")
 
 
+def shardgate_env(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of shardgate system ``name``: ours less any SHARDGATE_*/KUBERNETES_* setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDGATE_", "KUBERNETES_"))}
+    if name == "shardgate-pure":
+        env[PURE_PYTHON_ENV] = "1"  # the pure-Python modules even where compiled ones are installed
+    env.update(extra or {})
+    return env
+
+
 def start_shardgate(
     sup: Supervisor,
-    workdir: Path,
+    name: str,
     listen: int,
     admin: int,
-    backend_ports: Sequence[int],
+    source: KubernetesSource,
     timeout: float = 30.0,
 ) -> Target:
-    conf = workdir / "shards.yaml"
-    conf.write_text(render_shard_config(group_ports(backend_ports)))
-    env = dict(os.environ)
-    env.update(
+    python = gateway_python()
+    env = shardgate_env(
+        name,
         {
+            "KUBECONFIG": str(source.kubeconfig),
             "SHARDGATE_WORKERS": "1",
             # Shut down promptly at the end of the benchmark; there is no traffic to drain.
             "SHARDGATE_DRAIN_DELAY": "0",
@@ -346,29 +205,48 @@ def start_shardgate(
             # gateway logs nothing per request at INFO, like the other proxies' `access_log off`.
             "SHARDGATE_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
-        }
+        },
     )
+    build = probe_build(python, env, REPO_ROOT)
     argv = [
-        gateway_python(),
+        python,
         "-m",
         "gateway",
         "run",
-        "--config",
-        str(conf),
+        "--configmap",
+        CONFIGMAP,
+        "--namespace",
+        NAMESPACE,
         "--listen",
         f"{HOST}:{listen}",
         "--admin-listen",
         f"{HOST}:{admin}",
     ]
-    managed = sup.start("shardgate", argv, env=env, cwd=REPO_ROOT)
+    managed = sup.start(name, argv, env=env, cwd=REPO_ROOT)
     wait_until(
         lambda: http_status(HOST, admin, "GET", "/readyz") == 200,
-        what="shardgate /readyz",
+        what=f"{name} /readyz",
         timeout=timeout,
         watch=[managed],
     )
-    wait_until(lambda: _probe_ok(listen), what="shardgate proxying", timeout=timeout, watch=[managed])
-    return Target("shardgate", listen, managed)
+    wait_until(lambda: _probe_ok(listen), what=f"{name} proxying", timeout=timeout, watch=[managed])
+    build.loaded_extensions = loaded_extensions(managed.pid, build.package_dir)
+    return Target(name, listen, managed, build=build, config_source=config_source(admin))
+
+
+def config_source(admin: int) -> dict[str, Any] | None:
+    """The gateway's config source as its /debug/ring shows it: source, watch states, epoch, pods."""
+    with contextlib.suppress(OSError, ValueError):
+        with urllib.request.urlopen(f"http://{HOST}:{admin}/debug/ring", timeout=5) as response:
+            ring = json.loads(response.read())
+        config = ring.get("config") or {}
+        return {
+            "source": config.get("source"),
+            "watches": {watch["resource"]: watch["state"] for watch in config.get("watches") or []},
+            "epoch": ring.get("epoch"),
+            "pods": sum(len(group.get("pods") or []) for group in ring.get("groups") or []),
+        }
+    return None
 
 
 def serving_pids(target: Target) -> list[int]:

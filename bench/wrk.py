@@ -12,7 +12,7 @@ from typing import Any
 from bench.procs import terminate_group
 from bench.tools import find_tool
 
-SCRIPT = Path(__file__).resolve().parent / "post.lua"
+SCRIPT = Path(__file__).resolve().parent / "post.lua"  # replays a requests file (bench/shapes.py)
 TRANSFER_SCRIPT = Path(__file__).resolve().parent / "transfer.lua"
 
 # wrk prints times with these units (see its format_time / units_time).

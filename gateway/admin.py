@@ -6,13 +6,14 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
-from gateway.observability.metrics import GatewayCollector, Metrics, WatchView, own_pod_stats
-from gateway.router import MAX_KEY_BYTES
-from gateway.topology import Pod, TopologyHolder
+from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
+from gateway.router import MISSING_KEY, REPEATED_KEY, Refusal, owner_group
+from gateway.topology import PodStats, TopologyHolder, unpooled_stats
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -36,7 +37,7 @@ class AdminApp:
         *,
         workers_ready: Callable[[], str | None] = lambda: None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
-        pod_stats: Callable[[Pod], tuple[int, int, int]] = own_pod_stats,
+        pod_stats: PodStats = unpooled_stats,
         extra_debug: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._holder = holder
@@ -45,6 +46,7 @@ class AdminApp:
         self._workers_ready = workers_ready  # None when fine, else why not ready
         self._before_scrape = before_scrape
         self._extra_debug = extra_debug
+        self._pod_stats = pod_stats
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches, pod_stats))
@@ -83,28 +85,43 @@ class AdminApp:
         if topology is None:
             data.update({"epoch": None, "groups": [], "ring": None})
         else:
-            data.update(topology.describe())
+            data.update(topology.describe(self._pod_stats))
         return _json(data)
 
     async def debug_route(self, request: web.Request) -> web.Response:
-        key = request.query.get("key")
-        if key is None or not key.strip():
-            return _error(400, "missing_shard_key", "give the key as ?key=K")
-        key = key.strip()
-        if len(key.encode()) > MAX_KEY_BYTES:
-            return _error(400, "invalid_shard_key", f"shard key is longer than {MAX_KEY_BYTES} bytes")
+        """The owner of ``?key=K``, decided by the data plane's own function on the same bytes
+        a client would send in the key header (percent-decoded, nothing else done to them)."""
+        values = query_values(request.rel_url.raw_query_string, b"key")
+        if not values:
+            return _error(400, MISSING_KEY.code, "give the key as ?key=K")
+        if len(values) > 1:
+            return _error(400, REPEATED_KEY.code, "give the key once")
         topology = self._holder.current
         if topology is None:
             return _error(503, "not_ready", "no shard config is loaded yet")
-        group = topology.groups[topology.ring.owner(key)]
+        found = owner_group(topology, values[0])
+        if isinstance(found, Refusal):
+            return _error(found.status, found.code, found.detail)
+        group = found
         return _json(
             {
-                "key": key,
+                "key": values[0].strip(b" \t").decode("utf-8"),
                 "group": group.name,
                 "epoch": topology.epoch,
                 "ready_pods": [pod.address for pod in group.ready],
             }
         )
+
+
+def query_values(raw_query: str, name: bytes) -> list[bytes]:
+    """Every value of ``name`` in a raw query string, percent-decoded to bytes ("+" is a
+    space, as in forms): not decoded as text, so invalid UTF-8 stays visible to validation."""
+    values = []
+    for part in raw_query.encode("utf-8", "surrogateescape").split(b"&"):
+        key, _, value = part.partition(b"=")
+        if unquote_to_bytes(key.replace(b"+", b" ")) == name:
+            values.append(unquote_to_bytes(value.replace(b"+", b" ")))
+    return values
 
 
 class AdminServer:

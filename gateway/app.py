@@ -56,7 +56,12 @@ class Gateway:
         await self.data.start()
         self.listen_address = self.data.listen_address
         admin = AdminApp(
-            self.holder, self.metrics, lambda: self.draining, control.describe_source, control.watches
+            self.holder,
+            self.metrics,
+            lambda: self.draining,
+            control.describe_source,
+            control.watches,
+            pod_stats=self.data.pod_stats,
         )
         try:
             self._admin = await AdminServer.start(admin, self.settings.admin_listen)

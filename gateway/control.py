@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 from gateway.config import Settings
 from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
-from gateway.proxy.upstream import close_idle
 from gateway.topology import Topology, TopologyBuilder, TopologyHolder
 
 if TYPE_CHECKING:  # the kubernetes client costs ~36 MB of memory: imported only when used
@@ -20,7 +19,7 @@ class ControlPlane:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.holder = TopologyHolder()
-        self.builder = TopologyBuilder(on_retire=close_idle)
+        self.builder = TopologyBuilder()
         self.holder.subscribe(self._count_swap)
         self.watches: Callable[[], Iterable[WatchStatus]] = tuple
         self.source: StaticFileSource | KubernetesSource

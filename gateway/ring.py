@@ -47,11 +47,10 @@ def ring_epoch_inputs(config: ShardConfig) -> dict[str, dict[str, int]]:
 class ShardRing:
     """Immutable ketama ring of group names with a bounded lookup cache.
 
-    ``owner`` is the contract's recipe. The router reads ``cache`` directly (and bumps
-    ``hits``/``misses``) and calls ``resolve`` on a miss; the cache is keyed on the raw header
-    bytes it already holds (only validated keys are stored, so a hit skips validation,
-    decoding and hashing: one dict lookup). ``cached_owner``/``remember`` are the same, as
-    methods.
+    ``owner`` is the contract's recipe. The router asks ``cached_owner`` first and calls
+    ``resolve`` on a miss; the cache is keyed on the raw header bytes it already holds (only
+    validated keys are stored, so a hit skips validation, decoding and hashing: one dict
+    lookup).
     """
 
     __slots__ = (
@@ -123,18 +122,9 @@ class ShardRing:
         cache[raw_key] = group
 
     def resolve(self, raw_key: bytes, key: bytes) -> str:
-        """``owner_of_bytes(key)``, remembered under ``raw_key``: the router's cache-miss path,
-        in one call because it runs for every key not seen before."""
-        point = _first_word(md5(key).digest())[0]
-        bucket = point >> self._shift
-        buckets = self._buckets
-        position = bisect_right(self._positions, point, buckets[bucket], buckets[bucket + 1])
-        owners = self._owners
-        name = owners[position] if position < len(owners) else owners[0]
-        cache = self.cache
-        if len(cache) >= self._cache_size:
-            cache.clear()  # see remember()
-        cache[raw_key] = name
+        """``owner_of_bytes(key)``, remembered under ``raw_key``: the router's cache-miss path."""
+        name = self.owner_of_bytes(key)
+        self.remember(raw_key, name)
         return name
 
     def stats(self) -> dict[str, int]:

@@ -7,6 +7,7 @@ Strict ownership lives here: a write's candidate set is only ever its owner grou
 from __future__ import annotations
 
 import random
+import re
 
 from gateway.topology import Decision, GroupView, Pod, PodState, Topology
 
@@ -18,6 +19,8 @@ _random = random.random
 _DEL = b"\x7f"
 _WHITESPACE = b" \t"
 _WRITE = b"write"
+# C1 control characters (U+0080..U+009F) as UTF-8: in valid UTF-8, 0xC2 only starts a character.
+_C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 
 
 class Refusal:
@@ -90,30 +93,24 @@ def _resolve_new_key(topology: Topology, raw_key: bytes) -> GroupView | Refusal:
             key.decode("utf-8")  # only to validate: the ring hashes these very bytes
         except UnicodeDecodeError:
             return invalid_key("shard key is not valid UTF-8")
+        if _C1_CONTROL.search(key) is not None:
+            return invalid_key("shard key contains control characters")
     return topology.groups[topology.ring.resolve(raw_key, key)]
 
 
 def decide(
     topology: Topology | None, method: bytes, raw_key: bytes | None, operation: bytes | None
 ) -> Decision | Refusal:
+    """Where a request may go: its allowed set of pods, or why it may go nowhere."""
     if topology is None:
         return NOT_READY
-    write = method in topology.write_methods or (
-        operation is not None and operation.strip(_WHITESPACE).lower() == _WRITE
-    )  # is_write(), inlined: this runs for every request
+    write = is_write(topology, method, operation)
     owner: GroupView | None = None
     if raw_key is not None:
-        ring = topology.ring
-        name = ring.cache.get(raw_key)  # ring.cached_owner(), inlined: this runs for every request
-        if name is not None:
-            ring.hits += 1
-            found: GroupView | Refusal = topology.groups[name]
-        else:
-            ring.misses += 1
-            found = _resolve_new_key(topology, raw_key)
+        found = owner_group(topology, raw_key)
         if isinstance(found, Refusal):
             if write or found is not MISSING_KEY:
-                return found
+                return found  # (a read without a usable key is a read without a key)
         else:
             owner = found
     if write:

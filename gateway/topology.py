@@ -2,8 +2,9 @@
 
 Discovery produces ``DiscoveredPod`` lists per group; ``TopologyBuilder`` turns them into a
 ``Topology`` snapshot that the data plane reads without locks (one attribute read per request).
-``Pod`` objects are the one mutable, long-lived part: they carry the in-flight counter and the
-idle connection pool, so the builder reuses them across snapshots for the same address.
+``Pod`` objects are the one mutable, long-lived part: they carry the pod's state and load (the
+in-flight counter), so the builder reuses them across snapshots for the same address. What
+only the data plane needs of a pod (its connection pool) the data plane keeps itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from gateway.config import ShardConfig
 from gateway.ring import ShardRing, config_epoch
@@ -39,27 +39,10 @@ class DiscoveredPod:
 class Pod:
     """A pod address inside one group. Identity: (group, host, port)."""
 
-    __slots__ = (
-        "address",
-        "closer",
-        "connections",
-        "group",
-        "group_bytes",
-        "group_line",
-        "header_latency",
-        "host",
-        "idle",
-        "inflight",
-        "name",
-        "port",
-        "requests",
-        "state",
-    )
+    __slots__ = ("address", "group", "host", "inflight", "name", "port", "requests", "state")
 
     def __init__(self, group: str, host: str, port: int) -> None:
         self.group = group
-        self.group_bytes = group.encode()  # as the data plane writes it (X-Shard-Group)
-        self.group_line = b"X-Shard-Group: " + self.group_bytes + b"\r\n\r\n"  # ends a request head
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -67,13 +50,6 @@ class Pod:
         self.state = PodState.READY
         self.inflight = 0  # requests being proxied to this pod now
         self.requests = 0  # requests ever sent (for debug and tests)
-        self.connections = 0  # open upstream connections (idle + busy)
-        self.idle: list = []  # idle keep-alive connections; managed by gateway.proxy.upstream
-        # Set by the data plane: called when the pod leaves the eligible set so that idle
-        # pooled connections are closed at once.
-        self.closer: Callable[[Pod], None] | None = None
-        # The data plane's response-header latency histogram for this pod's group (a cache).
-        self.header_latency: Any = None
 
     @property
     def eligible(self) -> bool:
@@ -81,6 +57,15 @@ class Pod:
 
     def __repr__(self) -> str:
         return f"Pod({self.group}, {self.address}, {self.state})"
+
+
+# The data plane's view of a pod: (in-flight requests, open upstream connections, idle ones).
+PodStats = Callable[[Pod], tuple[int, int, int]]
+
+
+def unpooled_stats(pod: Pod) -> tuple[int, int, int]:
+    """Pod stats where no data plane runs (the supervisor of --workers N, tools)."""
+    return pod.inflight, 0, 0
 
 
 class Decision:
@@ -125,11 +110,12 @@ class Topology:
     any_read: Decision  # a read that may go to any ready pod of any group
     epoch_bytes: bytes
     created: float = field(default_factory=time.time)
-    # The data plane's cache: raw header name -> what to do with it (gateway.proxy.server).
+    # The data plane's cache: raw field name -> what to do with it (gateway.proxy.request_head).
     header_actions: dict[bytes, int] = field(default_factory=dict)
 
-    def describe(self) -> dict[str, object]:
-        """JSON-ready view for /debug/ring."""
+    def describe(self, pod_stats: PodStats) -> dict[str, object]:
+        """JSON-ready view for /debug/ring; ``pod_stats`` gives the data plane's view of a pod
+        (in-flight requests, open upstream connections, idle ones)."""
         shares = self.ring.share_by_group()
         return {
             "epoch": self.epoch,
@@ -142,31 +128,30 @@ class Topology:
                     "weight": g.weight,
                     "source": g.source,
                     "ready_pods": len(g.ready),
-                    "pods": [
-                        {
-                            "address": p.address,
-                            "name": p.name,
-                            "state": str(p.state),
-                            "inflight": p.inflight,
-                            "connections": p.connections,
-                            "idle_connections": len(p.idle),
-                            "requests": p.requests,
-                        }
-                        for p in g.pods
-                    ],
+                    "pods": [_describe_pod(p, pod_stats(p)) for p in g.pods],
                 }
                 for g in self.groups.values()
             ],
         }
 
 
+def _describe_pod(pod: Pod, stats: tuple[int, int, int]) -> dict[str, object]:
+    inflight, connections, idle = stats
+    return {
+        "address": pod.address,
+        "name": pod.name,
+        "state": str(pod.state),
+        "inflight": inflight,
+        "connections": connections,
+        "idle_connections": idle,
+        "requests": pod.requests,
+    }
+
+
 class TopologyBuilder:
     """Builds snapshots, reusing Pod objects and the ring when they are unchanged."""
 
-    def __init__(self, on_retire: Callable[[Pod], None] | None = None) -> None:
-        # Called when a pod leaves the eligible set, so the data plane can close its idle
-        # pooled connections at once (busy ones close when their exchange ends).
-        self._on_retire = on_retire
+    def __init__(self) -> None:
         self._pods: dict[tuple[str, str, int], Pod] = {}
         self._ring: ShardRing | None = None
         self._ring_inputs: object = None
@@ -214,9 +199,8 @@ class TopologyBuilder:
                 pod = self._pods.get(ident)
                 if pod is None:
                     pod = self._pods[ident] = Pod(group.name, item.host, item.port)
-                    pod.closer = self._on_retire
                 pod.name = item.name
-                self._set_state(pod, item.state)
+                pod.state = item.state
                 pods.append(pod)
             ready = tuple(p for p in pods if p.state is PodState.READY)
             all_ready.extend(ready)
@@ -230,7 +214,7 @@ class TopologyBuilder:
                 Decision(False, group.name, ready),
             )
         for ident in [i for i in self._pods if i not in seen]:
-            self._set_state(self._pods.pop(ident), PodState.REMOVED)
+            self._pods.pop(ident).state = PodState.REMOVED
         routing = config.routing
         epoch = config_epoch(config)
         return Topology(
@@ -246,13 +230,6 @@ class TopologyBuilder:
             any_read=Decision(False, None, tuple(all_ready)),
             epoch_bytes=epoch.encode(),
         )
-
-    @staticmethod
-    def _set_state(pod: Pod, state: PodState) -> None:
-        was_eligible = pod.state is PodState.READY
-        pod.state = state
-        if was_eligible and state is not PodState.READY and pod.closer is not None:
-            pod.closer(pod)
 
 
 class TopologyHolder:

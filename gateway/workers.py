@@ -30,11 +30,10 @@ from gateway.admin import AdminApp, AdminServer
 from gateway.config import Limits, Settings, ShardConfig, parse_host_port
 from gateway.control import ControlPlane
 from gateway.observability.logs import AccessLog, configure_logging, log_format
-from gateway.observability.metrics import Metrics, own_pod_stats
+from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import shutdown as shutdown_tracing
 from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.plane import DataPlane
-from gateway.proxy.upstream import close_idle
 from gateway.topology import DiscoveredPod, Pod, PodState, Topology, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.workers")
@@ -307,7 +306,7 @@ class Worker:
     def __init__(self, listen: tuple[str, int], env: Mapping[str, str]) -> None:
         self.metrics = Metrics()
         self.holder = TopologyHolder(log_changes=False)  # the supervisor logs epoch changes once
-        self.builder = TopologyBuilder(on_retire=close_idle)
+        self.builder = TopologyBuilder()
         self.data = DataPlane(
             listen,
             Limits.from_env(env),
@@ -332,7 +331,7 @@ class Worker:
         return {
             "op": "metrics",
             "data": self.metrics.snapshot(),
-            "pods": [[p.group, p.address, *own_pod_stats(p)] for p in pods],
+            "pods": [[p.group, p.address, *self.data.pod_stats(p)] for p in pods],
         }
 
 

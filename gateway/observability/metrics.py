@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway.topology import Pod, PodState, Topology
+from gateway.topology import PodState, PodStats, Topology, unpooled_stats
 
 # Seconds. Dense at the low end, where a proxy's own latency lives.
 DURATION_BOUNDS: tuple[float, ...] = (
@@ -87,9 +87,7 @@ class RouteStats:
         index = status // 100 - 1
         if 0 <= index < 5:
             self.codes[index] += 1
-        duration = self.duration
-        duration.buckets[bisect_left(DURATION_BOUNDS, seconds)] += 1
-        duration.total += seconds
+        self.duration.observe(seconds)
 
 
 class Metrics:
@@ -206,11 +204,6 @@ class Metrics:
             yield group, "write", stats
 
 
-def own_pod_stats(pod: Pod) -> tuple[int, int, int]:
-    """(in-flight requests, open upstream connections, idle ones) of a pod in this process."""
-    return pod.inflight, pod.connections, len(pod.idle)
-
-
 class GatewayCollector(Collector):
     """Builds the shardgate_* families from ``Metrics`` and the current topology at scrape time."""
 
@@ -219,7 +212,7 @@ class GatewayCollector(Collector):
         metrics: Metrics,
         topology: Callable[[], Topology | None],
         watches: Callable[[], Iterable[WatchView]] = tuple,
-        pod_stats: Callable[[Pod], tuple[int, int, int]] = own_pod_stats,
+        pod_stats: PodStats = unpooled_stats,
     ) -> None:
         self._metrics = metrics
         self._topology = topology

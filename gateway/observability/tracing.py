@@ -1,8 +1,11 @@
 """OpenTelemetry tracing of proxied requests, paid for only by sampled requests.
 
 The data plane reads the client's W3C ``traceparent`` itself and makes the sampling decision
-with plain string checks (parent-based: a sampled parent is followed, an unsampled one too;
-a root is sampled at ``OTEL_TRACES_SAMPLER_ARG``). Only a sampled request touches the SDK: a
+without the SDK, by the OpenTelemetry specification's rules: parent-based samplers follow the
+parent's sampled flag; a ratio decision (``traceidratio``, or a root under
+``parentbased_traceidratio``) compares the low 64 bits of the trace id with the ratio's bound, as
+the SDK's TraceIdRatioBased does, so every replica decides alike for one trace. Only a sampled
+request touches the SDK: a
 SERVER span whose context replaces ``traceparent`` toward the upstream, so the upstream's
 spans become its children. An unsampled request forwards ``traceparent``/``tracestate``
 untouched, so propagation works at the cost of one header comparison.
@@ -36,6 +39,32 @@ _SAMPLERS = {
     "always_off": (False, 0.0),
 }
 _HEX = frozenset(b"0123456789abcdef")
+_LOW_64_BITS = (1 << 64) - 1
+
+
+def ratio_bound(ratio: float) -> int:
+    """TraceIdRatioBased's bound: a trace is sampled when its low 64 bits are below it."""
+    return round(ratio * (_LOW_64_BITS + 1))
+
+
+class ChosenTraceIds:
+    """The SDK's id generator (its ``IdGenerator`` interface; not subclassed, so that the data
+    plane does not load the SDK when tracing is off): random ids like its default one, except
+    a root span's trace id, which the data plane chose when it made the sampling decision on
+    it (the SDK would otherwise make up another)."""
+
+    def __init__(self) -> None:
+        self.next_trace_id = 0  # set just before a root span is started, used once
+
+    def generate_span_id(self) -> int:
+        return random.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        trace_id, self.next_trace_id = self.next_trace_id, 0
+        return trace_id or random.getrandbits(128) or 1
+
+    def is_trace_id_random(self) -> bool:
+        return True
 
 
 def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
@@ -57,10 +86,19 @@ def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
 class Tracing:
     """Sampling decisions and span lifecycle for the data plane."""
 
-    def __init__(self, tracer: Any, ratio: float, parent_based: bool, provider: Any = None) -> None:
+    def __init__(
+        self,
+        tracer: Any,
+        ratio: float,
+        parent_based: bool,
+        provider: Any = None,
+        ids: ChosenTraceIds | None = None,
+    ) -> None:
         self._tracer = tracer
         self.provider = provider  # the SDK TracerProvider, flushed at shutdown
+        self._ids = ids or ChosenTraceIds()  # the provider's id generator
         self.ratio = ratio
+        self._bound = ratio_bound(ratio)
         self.parent_based = parent_based
         from opentelemetry import trace
         from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
@@ -74,22 +112,34 @@ class Tracing:
         self._trace_flags = TraceFlags
         self._trace_state = TraceState
 
-    def sampled(self, parent: tuple[int, int, bool] | None) -> bool:
-        if parent is not None and self.parent_based:
-            return parent[2]
-        return random.random() < self.ratio
+    def sampled_trace_id(self, parent: tuple[int, int, bool] | None) -> int:
+        """The trace id of the span to start for this request, or 0 when it is not sampled.
+
+        With a parent the trace is the parent's: followed by parent-based samplers, decided on
+        its id otherwise. A root gets a new trace id, and the ratio decides on that id."""
+        if parent is not None:
+            if self.parent_based:
+                return parent[0] if parent[2] else 0
+            trace_id = parent[0]
+        else:
+            trace_id = random.getrandbits(128) or 1
+        return trace_id if trace_id & _LOW_64_BITS < self._bound else 0
 
     def start(
         self,
         parent: tuple[int, int, bool] | None,
+        trace_id: int,
         tracestate: bytes | None,
         method: bytes,
         target: bytes,
         attributes: dict[str, Any],
     ) -> tuple[Any, bytes]:
-        """Start a SERVER span; return it and the traceparent to send upstream."""
+        """Start a SERVER span in trace ``trace_id`` (from ``sampled_trace_id``); return it and
+        the traceparent to send upstream."""
         context = None
-        if parent is not None:
+        if parent is None:
+            self._ids.next_trace_id = trace_id
+        else:
             state = self._trace_state.from_header([tracestate.decode("latin-1")]) if tracestate else None
             remote = self._span_context(
                 trace_id=parent[0],
@@ -141,10 +191,7 @@ def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError([f"OTEL_TRACES_SAMPLER_ARG: {ratio} is not between 0 and 1"])
 
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
     exporter: SpanExporter
     if exporter_name == "console":
@@ -153,18 +200,23 @@ def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_EXPORTER_OTLP_*
-    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "shardgate"})
-    # The data plane has decided already; the SDK records whatever it is asked to start.
-    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    try:  # the gateway's own aiohttp client calls (health checks and the like)
-        from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-
-        AioHttpClientInstrumentor().instrument(tracer_provider=provider)
-    except Exception:  # instrumentation is a nicety; never a reason not to start
-        log.warning("aiohttp client instrumentation unavailable", exc_info=True)
     log.info("tracing on: exporter %s, sampler %s, ratio %s", exporter_name, sampler_name, ratio)
-    return Tracing(provider.get_tracer("shardgate"), ratio, parent_based, provider)
+    return build_tracing(exporter, env.get("OTEL_SERVICE_NAME") or "shardgate", ratio, parent_based)
+
+
+def build_tracing(exporter: Any, service_name: str, ratio: float, parent_based: bool) -> Tracing:
+    """A ``Tracing`` exporting through ``exporter`` (an SDK SpanExporter) in batches."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    # The data plane has decided already; the SDK records whatever it is asked to start.
+    ids = ChosenTraceIds()
+    resource = Resource.create({"service.name": service_name})
+    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=ids)  # type: ignore[arg-type]
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return Tracing(provider.get_tracer("shardgate"), ratio, parent_based, provider, ids)
 
 
 def shutdown(tracing: Tracing | None) -> None:

@@ -14,17 +14,12 @@ from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import Tracing
 from gateway.proxy.http import RequestIds
+from gateway.proxy.pool import Pools
 from gateway.topology import TopologyHolder
 
 if TYPE_CHECKING:
-    from gateway.proxy.server import ClientConnection
+    from gateway.proxy.client import ClientConnection
     from gateway.proxy.upstream import UpstreamConnection
-
-# Reasons to stop reading from a client (bit flags; reading resumes when none is left).
-BLOCK_PIPELINE = 1  # an earlier request is still being answered
-BLOCK_UPSTREAM = 2  # the upstream's write buffer is full
-BLOCK_PENDING = 4  # too much body buffered while the upstream connection is being set up
-BLOCK_BROKEN = 8  # nothing more is read on this connection
 
 
 class HasDeadline(Protocol):
@@ -34,6 +29,9 @@ class HasDeadline(Protocol):
 
 
 class ProxyContext:
+    """What every connection of one data-plane process shares: the topology, settings,
+    counters, the pods' connection pools, the open connections, the drain state."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -52,6 +50,7 @@ class ProxyContext:
         # A Content-Length with fewer digits than the body limit is below it (no int() needed).
         self.body_limit_digits = len(str(limits.max_body_bytes))
         self.next_id = iter(RequestIds())  # next(ctx.next_id): a new request id, made in C
+        self.pools = Pools(metrics)
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.draining = False

@@ -33,6 +33,18 @@ LAST_CHUNK = b"0\r\n\r\n"
 # Client-supplied request ids are kept only when they are short and printable, so that a
 # request id can never smuggle a header or blow up a log line.
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+# RFC 9112 3.2 / RFC 3986 3.2.2: Host = uri-host [ ":" port ], uri-host an IP literal in
+# brackets or a reg-name (unreserved, pct-encoded, sub-delims; IPv4 is a reg-name too).
+_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+
+
+def valid_request_id(value: bytes | None) -> bool:
+    return value is not None and _VALID_REQUEST_ID.fullmatch(value) is not None
+
+
+def valid_host(value: bytes) -> bool:
+    return _VALID_HOST.fullmatch(value) is not None
+
 
 REASONS = {
     400: b"Bad Request",
@@ -62,10 +74,6 @@ class RequestIds:
 
     def __iter__(self) -> Iterator[bytes]:
         return self._ids
-
-    @staticmethod
-    def valid(value: bytes) -> bool:
-        return _VALID_REQUEST_ID.fullmatch(value) is not None
 
 
 def error_response(

@@ -10,9 +10,9 @@ from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import Tracing
 from gateway.observability.tracing import shutdown as shutdown_tracing
+from gateway.proxy.client import ClientConnection
 from gateway.proxy.context import ProxyContext
-from gateway.proxy.server import ClientConnection
-from gateway.topology import TopologyHolder
+from gateway.topology import Pod, TopologyHolder
 
 log = logging.getLogger("shardgate")
 
@@ -53,7 +53,12 @@ class DataPlane:
             backlog=2048,
         )
         self.listen_address = self._server.sockets[0].getsockname()[:2]
+        self._holder.subscribe(ctx.pools.on_topology)
         ctx.start()
+
+    def pod_stats(self, pod: Pod) -> tuple[int, int, int]:
+        """(in-flight requests, open upstream connections, idle ones) of ``pod`` here."""
+        return self.ctx.pools.stats(pod) if self.ctx is not None else (pod.inflight, 0, 0)
 
     def begin_drain(self) -> None:
         if self.ctx is not None:

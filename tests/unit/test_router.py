@@ -163,6 +163,9 @@ def test_read_without_a_key_goes_to_any_ready_pod(reads: str, raw: bytes | None)
         (b"\xc0\xaf", "not valid UTF-8"),
         (b"\xed\xa0\x80", "not valid UTF-8"),
         ("user-1".encode("utf-16"), "control characters"),
+        ("a\u0080b".encode(), "control characters"),  # C1 controls, U+0080..U+009F
+        ("a\u0085b".encode(), "control characters"),
+        ("\u009f".encode(), "control characters"),
     ],
 )
 @pytest.mark.parametrize("method", [b"POST", b"GET"])
@@ -174,7 +177,14 @@ def test_invalid_keys_are_refused(raw: bytes, reason: str, method: bytes) -> Non
 
 @pytest.mark.parametrize(
     "raw",
-    [b"a" * MAX_KEY_BYTES, "é".encode() * 128, b" " * 10 + b"a" * MAX_KEY_BYTES + b"\t", "用户-42".encode()],
+    [
+        b"a" * MAX_KEY_BYTES,
+        "é".encode() * 128,
+        b" " * 10 + b"a" * MAX_KEY_BYTES + b"\t",
+        "用户-42".encode(),
+        "\u00a0alice\u00a0".encode(),  # Latin-1 letters and spaces are not C1 controls
+        "\u00a0\u00bf\u00ff".encode(),
+    ],
 )
 def test_keys_at_the_limits_are_accepted(raw: bytes) -> None:
     decision = as_decision(decide(topology(), b"POST", raw, None))
@@ -248,8 +258,8 @@ STATES = st.sampled_from([PodState.READY, PodState.NOT_READY, PodState.TERMINATI
 @given(
     reads=st.sampled_from(READS),
     states=st.fixed_dictionaries({name: st.lists(STATES, max_size=3) for name in GROUPS}),
-    key=st.text(
-        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x2FF, exclude_characters="\x7f"),
+    key=st.text(  # valid keys: no control character (C0, DEL, and since the contract says so, C1)
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x2FF, exclude_categories=("Cc",)),
         min_size=1,
         max_size=40,
     ),

@@ -1,4 +1,4 @@
-"""TopologyBuilder: Pod reuse, removal and closer callbacks, ring reuse, snapshot contents."""
+"""TopologyBuilder: Pod reuse, removal and states, ring reuse, snapshot contents."""
 
 from __future__ import annotations
 
@@ -40,16 +40,6 @@ def by_address(snapshot: Topology, group: str) -> dict[str, Pod]:
     return {p.address: p for p in snapshot.groups[group].pods}
 
 
-class Closed:
-    """A ``Pod.closer`` that records the pods it was called with."""
-
-    def __init__(self) -> None:
-        self.calls: list[Pod] = []
-
-    def __call__(self, closed: Pod) -> None:
-        self.calls.append(closed)
-
-
 # ---------------------------------------------------------------------------------------------
 # pods
 
@@ -82,50 +72,44 @@ def test_same_address_in_two_groups_is_two_pods() -> None:
     assert (one.group, two.group) == ("group-1", "group-2")
 
 
-def test_removed_pods_are_marked_and_closed() -> None:
-    builder, config, closed = TopologyBuilder(), make_config(), Closed()
+def test_removed_pods_are_marked_removed() -> None:
+    builder, config = TopologyBuilder(), make_config()
     first = builder.build(config, {"group-1": [pod("10.0.0.1"), pod("10.0.0.2")]})
     gone = by_address(first, "group-1")["10.0.0.2:8080"]
     kept = by_address(first, "group-1")["10.0.0.1:8080"]
-    gone.closer = kept.closer = closed
     second = builder.build(config, {"group-1": [pod("10.0.0.1")]})
     assert gone.state is PodState.REMOVED and not gone.eligible
-    assert closed.calls == [gone]
     assert kept.state is PodState.READY
     assert gone not in second.groups["group-1"].pods
 
 
 def test_pods_of_a_removed_group_are_removed() -> None:
-    builder, closed = TopologyBuilder(), Closed()
+    builder = TopologyBuilder()
     first = builder.build(make_config(), {"group-2": [pod("10.0.0.5")]})
     victim = first.groups["group-2"].pods[0]
-    victim.closer = closed
     second = builder.build(make_config(groups=[("group-1", 1)]), {"group-2": [pod("10.0.0.5")]})
     assert "group-2" not in second.groups
-    assert victim.state is PodState.REMOVED and closed.calls == [victim]
+    assert victim.state is PodState.REMOVED
 
 
-def test_a_pod_that_leaves_the_ready_set_is_closed_once() -> None:
-    builder, config, closed = TopologyBuilder(), make_config(), Closed()
+def test_a_pod_that_leaves_the_ready_set_keeps_its_object() -> None:
+    builder, config = TopologyBuilder(), make_config()
     target = builder.build(config, {"group-1": [pod("10.0.0.1")]}).groups["group-1"].pods[0]
-    target.closer = closed
     draining = builder.build(config, {"group-1": [pod("10.0.0.1", PodState.TERMINATING)]})
     assert draining.groups["group-1"].pods == (target,)
     assert draining.groups["group-1"].ready == ()
-    assert target.state is PodState.TERMINATING and closed.calls == [target]
+    assert target.state is PodState.TERMINATING
     builder.build(config, {"group-1": []})
-    assert target.state is PodState.REMOVED and closed.calls == [target]
+    assert target.state is PodState.REMOVED
 
 
-def test_a_pod_that_comes_back_ready_is_not_closed() -> None:
-    builder, config, closed = TopologyBuilder(), make_config(), Closed()
+def test_a_pod_that_comes_back_ready_is_eligible_again() -> None:
+    builder, config = TopologyBuilder(), make_config()
     target = (
         builder.build(config, {"group-1": [pod("10.0.0.1", PodState.NOT_READY)]}).groups["group-1"].pods[0]
     )
-    target.closer = closed
     back = builder.build(config, {"group-1": [pod("10.0.0.1")]})
     assert back.groups["group-1"].ready == (target,) and target.eligible
-    assert closed.calls == []
 
 
 def test_a_removed_pod_that_returns_is_a_new_pod() -> None:
@@ -236,7 +220,7 @@ def test_group_views_describe_their_source() -> None:
 
 def test_describe_is_json_ready() -> None:
     snapshot = TopologyBuilder().build(make_config(), {"group-1": [pod("10.0.0.1", name="w-1")]})
-    described = json.loads(json.dumps(snapshot.describe()))
+    described = json.loads(json.dumps(snapshot.describe(lambda p: (p.inflight, 2, 1))))
     assert described["epoch"] == snapshot.epoch
     assert [g["name"] for g in described["groups"]] == ["group-1", "group-2", "static"]
     assert described["groups"][0]["pods"][0] == {
@@ -244,8 +228,8 @@ def test_describe_is_json_ready() -> None:
         "name": "w-1",
         "state": "ready",
         "inflight": 0,
-        "connections": 0,
-        "idle_connections": 0,
+        "connections": 2,
+        "idle_connections": 1,
         "requests": 0,
     }
     assert sum(described["ring"]["share"].values()) == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,361 @@
+"""One request and its response: the state it is in, the pod it is bound to, and its retries.
+
+An ``Exchange`` is created when a request head begins and lives until its response is complete
+(or given up). Its life is one explicit state:
+
+    PARSING -> QUEUED -> CONNECTING -> SENT -> STREAMING -> DONE
+                  \\________________________________________/  (refused: QUEUED -> DONE)
+
+It alone decides whether it may be tried again (``may_retry``): before any byte reached a pod,
+always once; after that, only a bodiless idempotent read, never a write (DESIGN invariant 4).
+``bind``/``release`` are the one place a request is tied to a pod (its in-flight count).
+
+The upstream connection talks to it through the ``ResponseSink`` methods (response head, body,
+completion, failures); the exchange decides what the client is told and hands the bytes to its
+client connection through the small ``ClientSide`` interface.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.proxy.response_head import (
+    Dechunker,
+    Framing,
+    connection_field,
+    finish_head,
+    without_transfer_encoding,
+)
+from gateway.router import Decision, Refusal, choose_pod
+from gateway.topology import Pod, PodState
+
+if TYPE_CHECKING:
+    from gateway.proxy.context import ProxyContext
+    from gateway.proxy.pool import PodLink
+    from gateway.proxy.upstream import UpstreamConnection
+
+# The states of an exchange.
+PARSING = 0  # its head is arriving
+QUEUED = 1  # its head is complete; it waits for its turn (pipelining) or is refused
+CONNECTING = 2  # bound to a pod, waiting for an upstream connection
+SENT = 3  # some byte of it was handed to an upstream connection; no response yet
+STREAMING = 4  # the response head went to the client; its body follows
+DONE = 5  # answered, or given up
+STATE_NAMES = ("parsing", "queued", "connecting", "sent", "streaming", "done")
+
+MAX_ATTEMPTS = 2
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+_READY = PodState.READY
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ClientSide(Protocol):
+    """What an exchange needs of the client connection it belongs to."""
+
+    ctx: ProxyContext
+    closed: bool
+    write_paused: bool
+
+    def send(self, data: bytes | memoryview) -> None: ...
+    def exchange_done(self, exchange: Exchange, now: float) -> None: ...
+    def abort(self, exchange: Exchange) -> None: ...
+    def refuse(self, exchange: Exchange, refusal: Refusal) -> None: ...
+    def upstream_full(self, full: bool) -> None: ...
+    def update_reading(self) -> None: ...
+
+
+class Exchange:
+    """One request/response pair on a client connection."""
+
+    __slots__ = (
+        "attempts",
+        "body_bytes",
+        "chunked",
+        "client",
+        "dechunker",
+        "decision",
+        "error",
+        "expect_continue",
+        "head",
+        "http10",
+        "is_head",
+        "is_write",
+        "keep_alive",
+        "method",
+        "pending",
+        "pending_bytes",
+        "pod",
+        "refusal",
+        "request_done",
+        "rid",
+        "served_by",
+        "span",
+        "start_time",
+        "state",
+        "status",
+        "target",
+        "traceparent",
+        "upstream",
+    )
+
+    def __init__(self, client: ClientSide, start_time: float) -> None:
+        self.client = client
+        self.start_time = start_time
+        self.state = PARSING
+        self.decision: Decision | None = None
+        self.refusal: Refusal | None = None  # set when the gateway answers this request itself
+        self.error: str | None = None  # the error code the gateway answered with, if any
+        self.head = b""  # the head to send upstream, but its X-Shard-Group line
+        self.rid = b""
+        self.method = b""
+        self.target = b""
+        self.pending: list[bytes] = []  # body bytes not yet handed to an upstream connection
+        self.pending_bytes = 0
+        self.body_bytes = 0
+        self.chunked = False
+        self.request_done = False  # the whole request was read
+        self.keep_alive = True  # the client's connection goes on after this exchange
+        self.http10 = False
+        self.is_head = False
+        self.is_write = False  # known even when the request is refused (for metrics and logs)
+        self.expect_continue = False
+        self.status = 0  # of the response, once it is known
+        self.attempts = 0
+        self.pod: Pod | None = None  # the pod it is bound to (its in-flight count)
+        self.served_by: Pod | None = None  # the last pod tried (kept for metrics, logs, spans)
+        self.upstream: UpstreamConnection | None = None
+        self.dechunker: Dechunker | None = None
+        self.traceparent: bytes | None = None  # as sent upstream (the client's, or our span's)
+        self.span: Any = None  # an OpenTelemetry span when this request is sampled
+
+    @property
+    def started(self) -> bool:
+        return self.state > QUEUED
+
+    @property
+    def answered(self) -> bool:
+        """The client got (or is getting) a response head."""
+        return self.state >= STREAMING
+
+    # -- request side -------------------------------------------------------------------------
+
+    def head_complete(self, method: bytes) -> None:
+        self.state = QUEUED
+        self.method = method
+        self.is_head = method == b"HEAD"
+
+    def add_body(self, data: bytes) -> None:
+        """A piece of the request body; kept until ``flush_body`` (once per read)."""
+        self.body_bytes += len(data)
+        if self.refusal is not None:
+            return  # refused already: the body is read and dropped, to keep the connection usable
+        self.pending.append(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        self.pending_bytes += len(data)
+
+    def body_complete(self) -> None:
+        self.request_done = True
+        if self.chunked and self.refusal is None:
+            self.pending.append(LAST_CHUNK)
+
+    def flush_body(self) -> None:
+        """Hand the body bytes read so far to the upstream connection, if there is one."""
+        if self.pending and self.upstream is not None:
+            self.upstream.send(b"".join(self.pending))
+            self.take_pending()
+
+    def take_pending(self) -> list[bytes]:
+        pending = self.pending
+        self.pending = []
+        self.pending_bytes = 0
+        return pending
+
+    # -- binding to a pod ---------------------------------------------------------------------
+
+    def bind(self, pod: Pod) -> None:
+        """Tie this request to ``pod`` (counted in its in-flight requests) until ``release``."""
+        self.attempts += 1
+        pod.inflight += 1
+        pod.requests += 1
+        self.pod = self.served_by = pod
+
+    def release(self) -> None:
+        pod = self.pod
+        if pod is not None:
+            pod.inflight -= 1
+            self.pod = None
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """It is this exchange's turn (the one before it is answered): refuse it or send it."""
+        client = self.client
+        refusal = self.refusal
+        if refusal is None and client.ctx.draining:
+            refusal = DRAINED  # it arrived, or waited its turn, past the drain delay
+        if refusal is not None:
+            client.refuse(self, refusal)
+            return
+        if self.expect_continue and not self.request_done:
+            client.send(CONTINUE_RESPONSE)
+        self.dispatch(None)
+
+    def dispatch(self, exclude: Pod | None) -> None:
+        """Pick a pod of the allowed set (never outside it: a write's is its owner group's) and
+        send the request on an idle pooled connection to it, or on a new one."""
+        decision = self.decision
+        assert decision is not None
+        pod = choose_pod(decision.candidates, exclude)
+        if pod is None and exclude is not None and exclude.state is _READY:
+            pod = exclude  # a one-pod group: a fresh connection to the same pod is the retry
+        if pod is None:
+            group = decision.group
+            detail = f"shard group {group} has no ready pod" if group else "no ready pod"
+            self.client.refuse(self, Refusal(503, "shard_unavailable", detail, 1, group))
+            return
+        self.bind(pod)
+        self.state = CONNECTING
+        ctx = self.client.ctx
+        link = ctx.pools.link(pod)
+        now = ctx.loop.time()
+        conn = link.acquire(now)
+        if conn is not None:
+            self.send_on(conn, now)
+        else:
+            ctx.loop.create_task(self._connect(link))
+
+    async def _connect(self, link: PodLink) -> None:
+        ctx = self.client.ctx
+        pod = link.pod
+        try:
+            conn = await link.connect(ctx)
+        except (OSError, TimeoutError) as exc:
+            if self.pod is pod and not self.client.closed:
+                self._connect_failed(pod, isinstance(exc, TimeoutError))
+            return
+        if self.pod is not pod or self.client.closed or self.state == DONE:
+            conn.close()  # opened for a request that is gone (rare): not worth pooling
+            return
+        self.send_on(conn, ctx.loop.time())
+
+    def _connect_failed(self, pod: Pod, timed_out: bool) -> None:
+        if self.attempts < MAX_ATTEMPTS:
+            # Nothing reached the pod (the body is still in ``pending``): safe to try another.
+            self.client.ctx.metrics.upstream_retries += 1
+            self.release()
+            self.dispatch(pod)
+            self.client.update_reading()
+            return
+        code = "upstream_timeout" if timed_out else "upstream_error"
+        detail = f"could not connect to a pod of group {pod.group}"
+        self.client.refuse(self, Refusal(504 if timed_out else 502, code, detail))
+
+    def send_on(self, conn: UpstreamConnection, now: float) -> None:
+        """Send the head (and the body read so far) on ``conn``; from here on, bytes of this
+        request may have reached the pod."""
+        self.state = SENT
+        self.upstream = conn
+        conn.start(self, self.take_pending() if self.pending else None, now)
+        self.client.update_reading()  # body bytes no longer wait for a connection
+
+    # -- retries --------------------------------------------------------------------------------
+
+    def may_retry(self) -> bool:
+        """Whether a request whose upstream connection closed before any response may go again."""
+        if self.attempts >= MAX_ATTEMPTS or not self.request_done or self.state != SENT:
+            return False
+        # Bytes were handed to the upstream. Only a bodiless idempotent read may go again (its
+        # whole request is the head, which is kept); a write never does, whatever its method
+        # (GET + "Operation-Type: write" is a write).
+        return not self.is_write and self.method in _IDEMPOTENT and self.body_bytes == 0 and not self.chunked
+
+    # -- ResponseSink: what the upstream connection reports -------------------------------------
+
+    def response_head(
+        self, kept: bytes, status: int, framing: Framing, body: bytes | memoryview, group: bytes
+    ) -> None:
+        """The upstream's head, hop-by-hop fields already out (and the body bytes after it);
+        ``group``: the serving pod's, for X-Shard-Group."""
+        ctx = self.client.ctx
+        if framing.until_close or (framing.chunked and self.http10) or ctx.draining or ctx.closing:
+            # The body ends at the close (until_close; chunks decoded for HTTP/1.0), or the
+            # connection ends anyway.
+            self.keep_alive = False
+        self.status = status
+        self.state = STREAMING
+        if framing.dechunk:
+            kept = without_transfer_encoding(kept)
+        connection = connection_field(not self.keep_alive, self.http10)
+        self.client.send(finish_head(kept, group, self.rid, connection, b"" if framing.dechunk else body))
+        if framing.dechunk:
+            self.dechunker = Dechunker(self.client.send)
+            if body:
+                self.dechunker.feed(body)
+
+    def response_body(self, data: bytes | memoryview) -> None:
+        if self.dechunker is not None:
+            self.dechunker.feed(data)
+        else:
+            self.client.send(data)
+
+    def response_complete(self, now: float) -> None:
+        self.state = DONE
+        self.upstream = None
+        if not self.request_done:
+            self.keep_alive = False  # answered early: the rest of its body would desync the client
+        self.client.exchange_done(self, now)
+
+    def upstream_lost(self, reused_connection: bool, until_close: bool) -> None:
+        """The upstream connection closed under this exchange."""
+        self.upstream = None
+        if self.state == DONE:
+            return
+        if self.state == STREAMING:
+            if until_close:  # a close-delimited body: the close is the end of the response
+                self.state = DONE
+                self.keep_alive = False
+                self.client.exchange_done(self, self.client.ctx.loop.time())
+            else:
+                self.client.abort(self)  # the client must see a truncated response, never a fake end
+            return
+        if self.may_retry():
+            self.client.ctx.metrics.upstream_retries += 1
+            pod = self.pod
+            self.release()
+            # A stale kept-alive connection says nothing about its pod: any pod will do.
+            self.dispatch(None if reused_connection else pod)
+            self.client.update_reading()
+            return
+        self.client.refuse(self, UPSTREAM_CLOSED)
+
+    def upstream_invalid(self) -> None:
+        self._upstream_failed(UPSTREAM_INVALID)
+
+    def internal_error(self) -> None:
+        """A bug of ours while handling the response (logged where it was caught)."""
+        self._upstream_failed(INTERNAL_ERROR)
+
+    def upstream_timeout(self) -> None:
+        self._upstream_failed(UPSTREAM_TIMEOUT)
+
+    def _upstream_failed(self, refusal: Refusal) -> None:
+        self.upstream = None
+        if self.state == STREAMING:
+            self.client.abort(self)
+        else:
+            self.client.refuse(self, refusal)
+
+    def upstream_full(self, full: bool) -> None:
+        """The upstream's write buffer filled (or drained): stop (or go on) reading the body."""
+        self.client.upstream_full(full)
+
+    def client_writable(self) -> bool:
+        return not self.client.write_paused
+
+
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# After the drain delay nothing new is forwarded (the contract's not_ready, while draining).
+DRAINED = Refusal(503, "not_ready", "the gateway is shutting down; retry on another replica", retry_after=1)
+UPSTREAM_CLOSED = Refusal(502, "upstream_error", "upstream closed the connection before responding")
+UPSTREAM_INVALID = Refusal(502, "upstream_error", "upstream sent an invalid response")
+UPSTREAM_TIMEOUT = Refusal(504, "upstream_timeout", "upstream did not answer in time")
+INTERNAL_ERROR = Refusal(500, "internal_error", "the gateway failed to handle this request")
