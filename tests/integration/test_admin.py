@@ -209,11 +209,6 @@ def test_after_the_drain_delay_the_gateway_stops_and_exits_0(
     assert "SIGTERM: draining for 1.0s" in log and '"message":"stopped"' in log, log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: /debug/route strips the key with a bare str.strip() (gateway/admin.py), so "
-    "for a key padded with NBSP & co. it names another group than the data plane and the recipe",
-)
 def test_debug_route_strips_only_spaces_and_tabs_like_the_data_plane(gw: Gateway, setup: Setup) -> None:
     ring = contract_ring({g.name: g.weight for g in setup.groups})
     for key in unicode_padded_keys(ring):
