@@ -41,7 +41,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float) -
 def contract_ring(weights: Mapping[str, int], vnodes: int = 160) -> HashRing:
     """The contract's ring recipe: ketama over the groups, each with its weight and ``vnodes``.
 
-    owner(K) is ``str(ring.get_node(K.strip()))``.
+    owner(K) is ``str(ring.get_node(K.strip(" \t")))``: the contract strips only spaces and tabs
+    (HTTP's OWS), never the other Unicode whitespace a bare ``str.strip()`` removes.
     """
     return HashRing(
         nodes={name: {"weight": w, "vnodes": vnodes} for name, w in weights.items()}, hash_fn="ketama"

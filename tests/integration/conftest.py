@@ -27,7 +27,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.upstream import DeadPort, HeaderLookup, UpstreamServer, start_upstreams, wait_until
+from tests.integration.upstream import (
+    BlackholePort,
+    DeadPort,
+    HeaderLookup,
+    UpstreamServer,
+    start_upstreams,
+    wait_until,
+)
 from tests.support import close_and_report, contract_ring, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +57,9 @@ class GroupSpec:
     weight: int = 1
 
 
-def group_of(name: str, members: Sequence[UpstreamServer | DeadPort | str], weight: int = 1) -> GroupSpec:
+def group_of(
+    name: str, members: Sequence[UpstreamServer | DeadPort | BlackholePort | str], weight: int = 1
+) -> GroupSpec:
     return GroupSpec(name, tuple(m if isinstance(m, str) else m.address for m in members), weight)
 
 
@@ -81,7 +90,7 @@ class Recipe:
         self.groups = tuple(weights)
 
     def owner(self, key: str) -> str:
-        return str(self._ring.get_node(key.strip()))
+        return str(self._ring.get_node(key.strip(" \t")))  # OWS only, as the contract says
 
     def keys_owned_by(self, group: str, count: int, prefix: str = "user") -> list[str]:
         keys: list[str] = []
@@ -174,7 +183,9 @@ class Gateway:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     expect_exit: bool = False  # set by a test that stops the gateway itself
-    ready_before_listening: bool = False  # /readyz said 200 while the proxy port refused
+    # /readyz said 200 while the proxy port refused: a readiness gap (an endpoints controller
+    # would send traffic to a port that refuses it); the factory fails the start when it is set.
+    ready_before_listening: bool = False
 
     @property
     def url(self) -> str:
@@ -339,6 +350,12 @@ class GatewayFactory:
             problem = self._wait_ready(gateway)
             if problem is None:
                 self.started.append(gateway)
+                # DESIGN "Admin server": /readyz is 200 when the gateway can serve. The data
+                # plane binds before the admin port, so this never happens on a correct start.
+                assert not gateway.ready_before_listening, (
+                    f"/readyz said 200 while the proxy port {gateway.port} refused connections:\n"
+                    + gateway.log_tail()
+                )
                 return gateway
             gateway.stop(5)
             last_error = problem
@@ -391,8 +408,8 @@ class GatewayFactory:
             time.sleep(0.05)
         else:
             return f"/readyz not 200 within {READY_TIMEOUT}s:\n{gateway.log_tail()}"
-        # /readyz may answer before the proxy port is bound (a readiness gap worth knowing
-        # about, recorded on the Gateway); the tests need the data plane, so wait for it too.
+        # /readyz must not answer 200 before the proxy port is bound: a gap is recorded on the
+        # Gateway (and fails the start); waiting for the port too tells a gap from a dead port.
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
@@ -421,7 +438,7 @@ class GatewayFactory:
 class UpstreamFactory:
     def __init__(self) -> None:
         self.servers: list[UpstreamServer] = []
-        self.dead: list[DeadPort] = []
+        self.dead: list[DeadPort | BlackholePort] = []
 
     def __call__(
         self, group: str, count: int = 2, prefix: str | None = None, **kwargs: Any
@@ -437,6 +454,12 @@ class UpstreamFactory:
 
     def dead_port(self) -> DeadPort:
         port = DeadPort()
+        self.dead.append(port)
+        return port
+
+    def blackhole(self) -> BlackholePort:
+        """An endpoint whose TCP handshake never completes (connects to it time out)."""
+        port = BlackholePort()
         self.dead.append(port)
         return port
 
@@ -495,3 +518,20 @@ def assert_serves(gateway: Gateway, key: str = "still-alive") -> None:
     gateway.assert_alive()
     result = http_request(gateway.port, "POST", "/still-serving", {KEY_HEADER: key}, b"{}")
     assert result.status == 200, (result.status, result.body[:300], gateway.log_tail())
+
+
+def unicode_padded_keys(ring: Any) -> list[str]:
+    """Keys padded with Unicode whitespace that is not OWS (NBSP, EM SPACE, IDEOGRAPHIC SPACE),
+    each with another owner on ``ring`` than its bare-``str.strip()`` form: only a key handled
+    as the contract says (strip spaces and tabs only) lands where the recipe says."""
+    keys: list[str] = []
+    for pad in ("\u00a0", "\u2003", "\u3000"):
+        i = 0
+        while True:
+            key = f"{pad}ws-{i}" if i % 2 else f"ws-{i}{pad}"
+            if str(ring.get_node(key)) != str(ring.get_node(key.strip())):
+                keys.append(key)
+                break
+            i += 1
+            assert i < 10_000, "no key whose bare strip() changes its owner"
+    return keys

@@ -36,7 +36,7 @@ CURL_TIMEOUT = 10.0
 
 def contract_owner(key: str) -> str:
     """owner(K), computed with the contract's recipe and nothing of the gateway's."""
-    return contract_ring({group: 1 for group in GROUPS}, 160).get_node(key.strip())
+    return contract_ring({group: 1 for group in GROUPS}, 160).get_node(key.strip(" \t"))
 
 
 # ---------------------------------------------------------------------------------------------

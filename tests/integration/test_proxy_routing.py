@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,8 +22,10 @@ from tests.integration.conftest import (
     assert_json_error,
     group_of,
     http_request,
+    unicode_padded_keys,
 )
 from tests.integration.upstream import RawConn, UpstreamServer, build_request
+from tests.support import contract_ring
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -366,14 +369,56 @@ def test_forwarded_headers_and_via(gw_any: Gateway) -> None:
         assert resp2.status == 200
         echo2 = resp2.json()
 
-    xff = _upstream_header(echo, "X-Forwarded-For")
-    assert len(xff) == 1 and xff[0].split(",")[-1].strip() == "127.0.0.1", xff
+    # The gateway's own hop: the peer address it saw, and its Via entry.
+    assert _upstream_header(echo, "X-Forwarded-For") == ["127.0.0.1"], echo["headers"]
     assert _upstream_header(echo, "X-Forwarded-Proto") == ["http"]
     assert _upstream_header(echo, "X-Forwarded-Host") == ["shop.example:8443"]
-    via = _upstream_header(echo, "Via")
-    assert len(via) == 1 and "1.1" in via[0], via
-    xff2 = ",".join(_upstream_header(echo2, "X-Forwarded-For"))
-    assert xff2.split(",")[-1].strip() == "127.0.0.1", xff2  # the gateway's own hop is last
+    assert _upstream_header(echo, "Via") == ["1.1 shardgate"], echo["headers"]
+    # A client's value is kept, with the gateway's hop appended last.
+    assert _upstream_header(echo2, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"], echo2["headers"]
+    assert _upstream_header(echo2, "X-Forwarded-Host") == ["shop.example"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "want_xff", "want_via"),
+    [
+        ([("X-Forwarded-For", "203.0.113.9, 198.51.100.7")], "203.0.113.9, 198.51.100.7, 127.0.0.1", None),
+        (
+            [("X-Forwarded-For", "203.0.113.9"), ("x-forwarded-for", "198.51.100.7, 192.0.2.1")],
+            "203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1",
+            None,
+        ),
+        ([("Via", "1.0 fred")], None, "1.0 fred, 1.1 shardgate"),
+        ([("Via", "1.0 fred, 1.1 p.example.net")], None, "1.0 fred, 1.1 p.example.net, 1.1 shardgate"),
+        (
+            [("Via", "1.0 fred"), ("X-Forwarded-For", "203.0.113.9"), ("X-Other", "x"), ("VIA", "2 edge")],
+            "203.0.113.9, 127.0.0.1",
+            "1.0 fred, 2 edge, 1.1 shardgate",
+        ),
+        (
+            [("X-Forwarded-For", "203.0.113.9"), ("Via", "1.1 lb"), ("X-Forwarded-For", "10.0.0.7")],
+            "203.0.113.9, 10.0.0.7, 127.0.0.1",
+            "1.1 lb, 1.1 shardgate",
+        ),
+    ],
+    ids=["xff-list", "xff-fields", "via", "via-list", "via-fields", "both"],
+)
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_client_forwarded_for_and_via_are_extended_not_replaced(
+    gw_any: Gateway, method: str, fields: list[tuple[str, str]], want_xff: str | None, want_via: str | None
+) -> None:
+    """X-Forwarded-For and Via keep what the client (or a proxy before the gateway) sent: several
+    fields are combined in order into one, and the gateway's hop (``127.0.0.1``, ``1.1
+    shardgate``) is appended last."""
+    body = b"{}" if method == "POST" else None
+    with RawConn(gw_any.port) as conn:
+        conn.send(build_request(method, "/fwd-chain", [(KEY_HEADER, "fwd-chain"), *fields], body))
+        resp = conn.read_response(method)
+    assert resp.status == 200, resp.body[:300]
+    echo = resp.json()
+    assert _upstream_header(echo, "X-Forwarded-For") == [want_xff or "127.0.0.1"], echo["headers"]
+    assert _upstream_header(echo, "Via") == [want_via or "1.1 shardgate"], echo["headers"]
+    assert _upstream_header(echo, "X-Forwarded-Proto") == ["http"], echo["headers"]
 
 
 def test_hop_by_hop_headers_removed_both_ways(gw_any: Gateway, cluster: Cluster) -> None:
@@ -449,13 +494,18 @@ def test_writes_for_an_unreachable_group_are_never_rerouted(gw_dead: Gateway, de
             assert _echo(result)["group"] == group
 
 
-def test_owner_preferred_reads(gw_dead: Gateway, dead_cluster: Cluster) -> None:
-    """Reads go to the owner group when it can serve them.
+def test_owner_preferred_reads_stay_in_an_owner_group_that_has_ready_pods(
+    gw_dead: Gateway, dead_cluster: Cluster
+) -> None:
+    """``reads: owner-preferred`` sends a read to its owner group while that group has a ready pod.
 
-    With fixed ``endpoints`` a group's pods are always "ready" (no health information), so for
-    a group whose endpoints refuse connections the contract allows two outcomes: the read fails
-    with a clear 502/503 (the gateway tried the owner group, and may retry only inside it), or a
-    later version with health checks serves it from another group. Never a silent wrong answer.
+    With fixed ``endpoints`` a group's pods are always "ready" (there is no health information),
+    so the "dead" group, whose endpoints refuse connections, is an owner *with* ready pods: its
+    users' reads are tried there, once more on its other pod (a refused connect is retried inside
+    the allowed set), and then answered 502 ``upstream_error``; they are never served from
+    another group. The fallback to any pod while the owner has *no* ready pod needs discovery to
+    say so: ``tests/k8s/test_gateway_in_cluster.py::
+    test_owner_preferred_reads_leave_the_owner_group_only_while_it_has_no_ready_pod``.
     """
     recipe = dead_cluster.recipe
     for group in ("alive-1", "alive-2"):
@@ -464,22 +514,123 @@ def test_owner_preferred_reads(gw_dead: Gateway, dead_cluster: Cluster) -> None:
             assert result.status == 200
             assert _echo(result)["group"] == group, "owner-preferred read left a healthy owner group"
             assert result.header("X-Shard-Group") == group
-    outcomes: Counter[str] = Counter()
-    for key in recipe.keys_owned_by("dead", 20, prefix="pref-dead"):
+    failures = gw_dead.metric("shardgate_upstream_connect_failures_total")
+    retries = gw_dead.metric("shardgate_upstream_retries_total")
+    dead_keys = recipe.keys_owned_by("dead", 20, prefix="pref-dead")
+    for key in dead_keys:
         result = http_request(gw_dead.port, "GET", "/pref-dead", {KEY_HEADER: key})
-        if result.status == 200:
-            echo = _echo(result)
-            assert echo["group"] in ("alive-1", "alive-2")
-            assert result.header("X-Shard-Group") == echo["group"]
-            outcomes["fallback"] += 1
-        else:
-            assert_json_error(
-                result.status,
-                result.headers,
-                result.body,
-                result.status,
-                {"upstream_error", "shard_unavailable"},
-            )
-            assert result.status in (502, 503)
-            outcomes["refused"] += 1
-    assert sum(outcomes.values()) == 20
+        assert_json_error(result.status, result.headers, result.body, 502, "upstream_error")
+    assert not all_requests(dead_cluster.servers, lambda r: r.path == "/pref-dead"), "a read left its owner"
+    # Each read: a refused connect to one pod of "dead", then one retry on its other pod.
+    assert gw_dead.metric("shardgate_upstream_connect_failures_total") - failures == 2 * len(dead_keys)
+    assert gw_dead.metric("shardgate_upstream_retries_total") - retries == len(dead_keys)
+
+
+def test_only_spaces_and_tabs_are_stripped_from_keys(gw_any: Gateway, cluster: Cluster) -> None:
+    """The contract strips HTTP's OWS (SP, HTAB) from a key, not other Unicode whitespace: a key
+    padded with NBSP, EM SPACE or IDEOGRAPHIC SPACE keeps the padding, and so its own owner
+    (chosen here so that a bare ``str.strip()`` would give another group)."""
+    recipe = cluster.recipe
+    ring = contract_ring({g.name: g.weight for g in cluster.groups})
+    for key in unicode_padded_keys(ring):
+        for sent in (key, f" \t{key}\t "):  # OWS around it is still stripped
+            result = http_request(gw_any.port, "POST", "/ws-key", {KEY_HEADER: sent.encode()}, b"{}")
+            assert result.status == 200, (key, result.body[:200])
+            assert result.header("X-Shard-Group") == recipe.owner(sent) == str(ring.get_node(key)), key
+            assert _echo(result)["group"] == recipe.owner(key) != str(ring.get_node(key.strip())), key
+
+
+# What a request id may look like (the gateway's own ids too): short, printable, no spaces.
+REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def _raw_exchange(gw: Gateway, method: str, path: str, fields: list[tuple[str, str | bytes]]) -> Any:
+    body = b"{}" if method == "POST" else None
+    with RawConn(gw.port) as conn:
+        conn.send(build_request(method, path, fields, body))
+        return conn.read_response(method)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"r" * 129,
+        b"abc def",
+        b"id\tinside",
+        "req-é-1".encode(),
+        b"req-\xff",
+        b"",
+        b"a;b",
+        b'a"b',
+        b"a,b",
+        b"<script>",
+    ],
+    ids=[
+        "too-long",
+        "space",
+        "tab",
+        "non-ascii-utf8",
+        "obs-text",
+        "empty",
+        "semicolon",
+        "quote",
+        "comma",
+        "angle",
+    ],
+)
+def test_an_invalid_client_request_id_is_replaced_by_a_generated_one(gw_any: Gateway, value: bytes) -> None:
+    client_value = value.decode("latin-1")
+    seen: set[str] = set()
+    for _ in range(2):
+        # Proxied: the upstream (its echo says what it received) and the client get the same
+        # generated id, not the client's.
+        resp = _raw_exchange(
+            gw_any, "POST", "/rid-invalid", [(KEY_HEADER, "rid-bad"), ("X-Request-ID", value)]
+        )
+        assert resp.status == 200, resp.body[:300]
+        upstream_ids = _upstream_header(resp.json(), "X-Request-ID")
+        assert len(upstream_ids) == 1, resp.json()["headers"]
+        generated = upstream_ids[0]
+        assert generated != client_value and REQUEST_ID_SHAPE.fullmatch(generated), generated
+        assert resp.header_all("X-Request-ID") == [generated], resp.headers
+        seen.add(generated)
+        # Refused by the gateway itself: the JSON error names the generated id too.
+        resp = _raw_exchange(gw_any, "POST", "/rid-invalid-nokey", [("X-Request-ID", value)])
+        doc = assert_json_error(resp.status, resp.headers, resp.body, 400, "missing_shard_key")
+        assert doc["request_id"] != client_value and REQUEST_ID_SHAPE.fullmatch(doc["request_id"]), doc
+        assert resp.header_all("X-Request-ID") == [doc["request_id"]], resp.headers
+        seen.add(doc["request_id"])
+    assert len(seen) == 4, f"generated ids must be unique: {seen}"
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        (b"r" * 128, "r" * 128),
+        (b"AZaz09._:/+=@-", "AZaz09._:/+=@-"),
+        (b"550e8400-e29b-41d4-a716-446655440000", "550e8400-e29b-41d4-a716-446655440000"),
+        (b"x", "x"),
+        (b" \t padded-id", "padded-id"),  # leading OWS is not part of a field value
+    ],
+    ids=["128", "every-allowed-char", "uuid", "one-char", "leading-ows"],
+)
+def test_a_valid_client_request_id_is_kept_exactly(gw_any: Gateway, sent: bytes, kept: str) -> None:
+    for method, fields in (("POST", [(KEY_HEADER, "rid-ok")]), ("GET", [])):
+        resp = _raw_exchange(gw_any, method, "/rid-valid", [*fields, ("X-Request-ID", sent)])
+        assert resp.status == 200, resp.body[:300]
+        assert _upstream_header(resp.json(), "X-Request-ID") == [kept], resp.json()["headers"]
+        assert resp.header_all("X-Request-ID") == [kept], resp.headers
+    resp = _raw_exchange(gw_any, "POST", "/rid-valid-nokey", [("X-Request-ID", sent)])
+    doc = assert_json_error(resp.status, resp.headers, resp.body, 400, "missing_shard_key")
+    assert doc["request_id"] == kept, doc
+
+
+@pytest.mark.parametrize("tail", [b" ", b"\t", b" \t "], ids=["space", "tab", "mixed"])
+def test_a_valid_client_request_id_with_trailing_ows_is_kept(gw_any: Gateway, tail: bytes) -> None:
+    """llhttp keeps trailing OWS in a field value; RFC 9110 5.5 says it is not part of it."""
+    resp = _raw_exchange(
+        gw_any, "POST", "/rid-trailing-ows", [(KEY_HEADER, "rid-ows"), ("X-Request-ID", b"rid-7" + tail)]
+    )
+    assert resp.status == 200, resp.body[:300]
+    assert _upstream_header(resp.json(), "X-Request-ID") == ["rid-7"], resp.json()["headers"]
+    assert resp.header_all("X-Request-ID") == ["rid-7"], resp.headers

@@ -39,6 +39,7 @@ import hashlib
 import itertools
 import json
 import random
+import select
 import socket
 import struct
 import threading
@@ -598,6 +599,48 @@ class DeadPort:
         return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        self._sock.close()
+
+
+class BlackholePort:
+    """A port where a TCP handshake never completes (a pod whose SYNs go unanswered).
+
+    It listens with a backlog of 0 and its accept queue is filled by connections that are never
+    accepted; Linux then drops further SYNs (``ListenOverflows``) instead of refusing them, so a
+    client's connect neither succeeds nor fails until its own timeout. Filled until a probe's
+    handshake does not complete.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(0)
+        self.port: int = self._sock.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(8):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.setblocking(False)
+            probe.connect_ex(("127.0.0.1", self.port))
+            # A loopback handshake completes in the kernel, without waiting on any process.
+            _, writable, _ = select.select([], [probe], [], 0.3)
+            if writable and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                self._fillers.append(probe)  # queued, never accepted
+                continue
+            probe.close()
+            if self._fillers:
+                return
+            break
+        self.close()
+        raise RuntimeError("could not fill the accept queue of a backlog-0 listener")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        for sock in self._fillers:
+            sock.close()
+        self._fillers.clear()
         self._sock.close()
 
 

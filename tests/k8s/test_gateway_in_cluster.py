@@ -503,3 +503,66 @@ def test_injected_500s_are_retried_until_the_watches_recover(
     assert wait_for(lambda: gw.epoch() != epoch)
     assert wait_for(lambda: all(w["up"] for w in gw.watches().values())), gw.watches()
     assert routes_follow(gw, Client(gw.port), Recipe(reweighted), members, [f"user-{n}" for n in range(30)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Read policies end to end
+
+
+@pytest.mark.timeout(60)
+def test_owner_preferred_reads_leave_the_owner_group_only_while_it_has_no_ready_pod(
+    api: FakeApiServer, farm: PodFarm, start_gateway: GatewayFactory
+) -> None:
+    """``reads: owner-preferred``: the owner group if it has a ready pod, else any ready pod.
+    Writes keep strict ownership throughout."""
+    groups = [Group("g-a", "svc-a"), Group("g-b", "svc-b"), Group("g-c", "svc-c")]
+    recipe = Recipe(groups)
+    members = {
+        "g-a": set(farm.addresses[0:2]),
+        "g-b": set(farm.addresses[2:4]),
+        "g-c": set(farm.addresses[4:6]),
+    }
+    group_of_pod = {pod: name for name, pods in members.items() for pod in pods}
+    put_config(api, groups, reads="owner-preferred")
+    put_pods(api, farm, "svc-a", hosts_of(farm, 0, 1))
+    put_pods(api, farm, "svc-b", hosts_of(farm, 2, 3))
+    put_pods(api, farm, "svc-c", hosts_of(farm, 4, 5))
+    gw = start_gateway()
+    client = Client(gw.port)
+    keys_c = recipe.keys_of("g-c", 30, prefix="pref")
+    others = recipe.keys_of("g-a", 10, prefix="pref") + recipe.keys_of("g-b", 10, prefix="pref")
+    assert wait_for(lambda: routes_follow(gw, client, recipe, members, keys_c[:3] + others[:2]))
+    assert gw.ring()["routing"]["reads"] == "owner-preferred", gw.ring()["routing"]
+
+    def read_all(keys: Sequence[str]) -> list[tuple[str, Result]]:
+        return [(key, client.read(key)) for key in keys]
+
+    # The owner has ready pods: every read stays in it (reads: any would spread them).
+    for key, result in read_all(keys_c + others):
+        owner = recipe.owner(key)
+        assert (result.status, result.group) == (200, owner) and result.pod in members[owner], (key, result)
+
+    # g-c has no ready pod: its users' reads fall back to the other groups' ready pods; its
+    # writes are refused, never rerouted; the other groups' reads still stay home.
+    put_pods(api, farm, "svc-c", {farm.hosts[4]: {"ready": False}, farm.hosts[5]: {"ready": False}})
+    assert wait_for(
+        lambda: [gw.pod_states().get(addr(farm, i)) for i in (4, 5)] == ["not_ready", "not_ready"]
+    ), gw.pod_states()
+    hits_c = farm.count(addr(farm, 4)) + farm.count(addr(farm, 5))
+    for key, result in read_all(keys_c):
+        assert result.status == 200, (key, result)
+        assert result.pod in members["g-a"] | members["g-b"], (key, result)
+        assert result.group == group_of_pod[result.pod], (key, result)  # the serving pod's group
+    for key, result in read_all(others):
+        owner = recipe.owner(key)
+        assert (result.status, result.group) == (200, owner) and result.pod in members[owner], (key, result)
+    for key in keys_c[:10]:
+        result = client.write(key)
+        assert (result.status, result.error) == (503, "shard_unavailable"), (key, result)
+    assert farm.count(addr(farm, 4)) + farm.count(addr(farm, 5)) == hits_c
+
+    # One pod of g-c is ready again: its users' reads go back to it, and only to it.
+    put_pods(api, farm, "svc-c", {farm.hosts[4]: {"ready": False}, farm.hosts[5]: {}})
+    assert wait_for(lambda: gw.pod_states().get(addr(farm, 5)) == "ready"), gw.pod_states()
+    for key, result in read_all(keys_c):
+        assert (result.status, result.group, result.pod) == (200, "g-c", addr(farm, 5)), (key, result)

@@ -192,7 +192,8 @@ class _UpstreamConnection(asyncio.Protocol):
 class RawUpstream:
     """A test pod on 127.0.0.1:<port>, on its own event loop thread.
 
-    Paths: ``/stream?chunks=N&interval=S`` answers chunked, one chunk every ``S`` seconds;
+    Paths: ``/stream?chunks=N&interval=S`` answers chunked, one chunk every ``S`` seconds
+    (``&gate=NAME``: the last chunk and the end of the body only once ``release(NAME)`` was called);
     ``/hold?gate=NAME`` is answered once ``release(NAME)`` was called; anything else gets a JSON
     echo ``{"pod", "group", "shard_group", "key", "request_id", "conn"}``. ``idle_close``: close a
     keep-alive connection that many seconds after its last response (or after connecting).
@@ -261,6 +262,16 @@ class RawUpstream:
         with self._lock:
             return [h for h in self._hits if predicate(h)]
 
+    def open_connections(self) -> int:
+        """Connections open right now, as this server sees them (counted on its own loop)."""
+        loop = self._loop
+        assert loop is not None, "upstream not started"
+
+        async def count() -> int:
+            return sum(1 for conn in self._connections if not conn.closed)
+
+        return asyncio.run_coroutine_threadsafe(count(), loop).result(10)
+
     def _count_idle_close(self) -> None:
         with self._lock:
             self.idle_closed += 1
@@ -302,8 +313,11 @@ class RawUpstream:
                 + tail
                 + b"\r\n"
             )
+            gate = req.query.get("gate")
             for i in range(chunks):
                 await asyncio.sleep(interval)  # the behaviour under test: a slow stream
+                if gate is not None and i == chunks - 1:
+                    await self._gate(gate).wait()  # the last chunk and the end wait for the test
                 if conn.closed:
                     return False
                 piece = b"chunk %d of %d\n" % (i + 1, chunks)
@@ -565,6 +579,7 @@ class Outcome:
     group: str | None = None  # X-Shard-Group of the response
     served_by: str | None = None  # the upstream pod, from its echo
     retry_of: str | None = None  # the request id this one repeats (after an unaccepted failure)
+    picked: float = 0.0  # when the client chose ``port`` for this request's connection
 
 
 @dataclass
@@ -586,6 +601,9 @@ class ServiceClient:
     outcomes: list[Outcome] = field(default_factory=list)
     ready: list[int] = field(default_factory=list)
     stale_reconnects: int = 0
+    # When the endpoints controller first dropped a replica from ``ready``: a connection picked
+    # later cannot go to it (both times are taken under the same lock as the pick).
+    unready_at: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -630,13 +648,19 @@ class ServiceClient:
         while not self._stop.is_set():
             ready = [port for port, admin in self.replicas.items() if readyz(admin) == 200]
             with self._lock:
+                now = time.monotonic()
+                for port in self.ready:
+                    if port not in ready:
+                        self.unready_at.setdefault(port, now)
                 self.ready = ready
             self._stop.wait(0.02)
 
-    def _pick(self) -> int | None:
+    def _pick(self) -> tuple[int | None, float]:
+        """A ready replica for a new connection (None: none is ready), and when it was picked."""
         with self._lock:
             ready = list(self.ready)
-        return ready[next(self._rr) % len(ready)] if ready else None
+            picked = time.monotonic()
+        return (ready[next(self._rr) % len(ready)] if ready else None), picked
 
     # -- load ---------------------------------------------------------------------------------------
 
@@ -647,6 +671,7 @@ class ServiceClient:
 
     def _load(self, index: int) -> None:
         conn: TrackedConn | None = None
+        picked = 0.0
         i = index
         retry: tuple[str, str, str] | None = None  # (method, key, original id)
         while not self._stop.is_set():
@@ -661,7 +686,7 @@ class ServiceClient:
                 with self._lock:
                     self.stale_reconnects += 1
             if conn is None:
-                port = self._pick()
+                port, picked = self._pick()
                 if port is None:
                     self._stop.wait(0.01)  # no ready replica at the moment: wait for one
                     continue
@@ -670,7 +695,9 @@ class ServiceClient:
                 except OSError as exc:
                     now = time.monotonic()
                     rid = f"c{index}-{next(self._ids)}"
-                    self._record(Outcome(rid, method, key, port, False, now, now, -1, f"connect: {exc}"))
+                    self._record(
+                        Outcome(rid, method, key, port, False, now, now, -1, f"connect: {exc}", picked=picked)
+                    )
                     retry = None
                     continue
             rid = f"c{index}-{next(self._ids)}"
@@ -681,7 +708,7 @@ class ServiceClient:
             except ConnectionFailed as exc:
                 outcome = Outcome(
                     rid, method, key, conn.port, reused, started, time.monotonic(), -1, str(exc),
-                    exc.got_bytes, exc.reset, retry_of=retry_of,
+                    exc.got_bytes, exc.reset, retry_of=retry_of, picked=picked,
                 )  # fmt: skip
                 conn.close()
                 conn = None
@@ -696,6 +723,7 @@ class ServiceClient:
                     rid, method, key, conn.port, reused, started, time.monotonic(), resp.status,
                     connection_close=resp.closes, group=resp.header("X-Shard-Group"),
                     served_by=doc.get("pod") if isinstance(doc, dict) else None, retry_of=retry_of,
+                    picked=picked,
                 )
             )  # fmt: skip
             retry = None
