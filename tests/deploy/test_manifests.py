@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -38,11 +39,6 @@ from tests.deploy.conftest import (
     labels_match,
     pod_spec,
     rel,
-)
-
-kubernetes_validate: Any = pytest.importorskip(
-    "kubernetes_validate",
-    reason="kubernetes-validate is not installed: it is in the `test` extra (pip install -e '.[test]')",
 )
 
 BASE = "deploy/base"
