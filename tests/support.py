@@ -200,7 +200,8 @@ class Tool:
         )
 
 
-# Every external program a test runs: a test gets one only through require_tool().
+# Every external program a test runs. A test gets one only through require_tool(), and
+# tests/deploy/test_tools.py checks that each comes from a package `make test` installs.
 TOOLS: dict[str, Tool] = {
     tool.name: tool
     for tool in (
@@ -212,6 +213,7 @@ TOOLS: dict[str, Tool] = {
         Tool("haproxy", Source.APT, "haproxy"),
         Tool("wrk", Source.APT, "wrk"),
         Tool("curl", Source.APT, "curl"),
+        Tool("apt-cache", Source.APT, "apt"),
     )
 }
 
