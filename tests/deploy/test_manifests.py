@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -40,11 +41,6 @@ from tests.deploy.conftest import (
     labels_match,
     pod_spec,
     rel,
-)
-
-kubernetes_validate: Any = pytest.importorskip(
-    "kubernetes_validate",
-    reason="kubernetes-validate is not installed: it is in the `test` extra (pip install -e '.[test]')",
 )
 
 BASE = "deploy/base"

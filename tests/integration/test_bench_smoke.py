@@ -1,15 +1,15 @@
 """Smoke test of the benchmark harness (bench/run.py).
 
 `test_bench_smoke` runs every measurement in a reduced form: it starts the real backends, the
-Kubernetes API-server double, both builds of shardgate (its Kubernetes config source), nginx
-and (when installed) HAProxy, checks each proxy's header work, drives each with wrk for one
-second per measurement (throughput and latency with Ingress-shaped and bare requests, upload,
-download), holds 500 idle connections instead of 10,000 and runs the micro-benchmarks with few
-calls; then it checks the JSON report, the Markdown and the table (about a minute). It needs
-nginx and wrk on the machine (`make test` installs them) and is skipped without them; it never
-installs anything (`--no-install`). The other tests check the harness's pieces (request shapes,
-generated configs, the header rules, wrk output parsing, the build probe, `--skip`, `--record`)
-and need no external tool.
+Kubernetes API-server double, both builds of shardgate (its Kubernetes config source), nginx and
+HAProxy, checks each proxy's header work, drives each with wrk for one second per measurement
+(throughput and latency with Ingress-shaped and bare requests, upload, download), holds 500 idle
+connections instead of 10,000 and runs the micro-benchmarks with few calls; then it checks the
+JSON report, the Markdown and the table (about a minute). It needs nginx, HAProxy and wrk on the
+machine (`make test` installs them; ``require_tool``: a failure on CI, elsewhere a skip that
+says why); it never installs anything (`--no-install`). The other tests check the harness's
+pieces (request shapes, generated configs, the header rules, wrk output parsing, the build
+probe, `--skip`, `--record`) and need no external tool.
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ from bench.micro import shard_config_text
 from bench.shapes import REQUESTS, request, request_parts, write_requests
 from bench.systems import REPO_ROOT, gateway_python, shardgate_env
 from bench.tables import format_markdown
-from bench.tools import which
 from bench.wrk import parse_wrk_output
 from gateway.config import parse_shard_config
 from gateway.discovery.kubernetes import SERVICE_NAME_LABEL, pods_by_group
 from gateway.observability.tracing import parse_traceparent
 from gateway.proxy.http import valid_request_id
+from tests.support import require_tool
 
-MISSING = [tool for tool in ("nginx", "wrk") if which(tool) is None]
 PORTS = [9001, 9002, 9003, 9004, 9005, 9006]
 EPOCH = "0123456789abcdef"
 
@@ -369,14 +368,13 @@ def _check_shardgate(name: str, entry: dict[str, Any], epoch: str) -> None:
     assert source["epoch"] == epoch and source["pods"] == 6, source
 
 
-@pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"benchmark smoke test needs {' and '.join(MISSING)} (apt-get install -y {' '.join(MISSING)})",
-)
 @pytest.mark.timeout(300)
 def test_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_tool("nginx")
+    require_tool("haproxy")
+    require_tool("wrk")
     output = tmp_path / "bench.json"
-    proxies = ["shardgate", "shardgate-pure", "nginx", *(["haproxy"] if which("haproxy") else [])]
+    proxies = ["shardgate", "shardgate-pure", "nginx", "haproxy"]
     status = run.main(
         [
             "--duration", "1",

@@ -9,7 +9,6 @@ import os
 import queue
 import re
 import shlex
-import shutil
 import signal
 import socket
 import sqlite3
@@ -26,7 +25,7 @@ import aiohttp
 import pytest
 
 from gateway.demo import GROUPS, make_pod_app, shard_path, start_app
-from tests.support import contract_ring, free_port
+from tests.support import contract_ring, free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 START_DEADLINE = 30.0
@@ -143,7 +142,7 @@ def run_curl(line: str) -> CurlResult:
     assert argv[0] == "curl"
     # -i: the status line and headers come first in the output.
     done = subprocess.run(
-        [argv[0], "-i", "--max-time", str(CURL_TIMEOUT), *argv[1:]],
+        [require_tool("curl"), "-i", "--max-time", str(CURL_TIMEOUT), *argv[1:]],
         capture_output=True,
         timeout=CURL_TIMEOUT + 5,
         check=False,
@@ -224,8 +223,7 @@ class Demo:
 
 @pytest.fixture
 def demo() -> Iterator[tuple[Demo, str, str]]:
-    if shutil.which("curl") is None:
-        pytest.skip("the curl binary is not installed")
+    require_tool("curl")
     listen = f"127.0.0.1:{free_port()}"
     admin = f"127.0.0.1:{free_port()}"
     running = Demo(listen, admin)

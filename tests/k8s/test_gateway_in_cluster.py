@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 import pytest
 
-pytest.importorskip("kubernetes")
-
 from tests.k8s.apiserver import FakeApiServer
 from tests.k8s.conftest import (
     CONFIGMAP,

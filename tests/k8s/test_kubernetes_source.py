@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-
-pytest.importorskip("kubernetes")
-
 from kubernetes import config as kube_config
 
 from gateway.config import ShardConfig, parse_shard_config

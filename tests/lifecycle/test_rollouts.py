@@ -20,8 +20,6 @@ from collections.abc import Sequence
 
 import pytest
 
-pytest.importorskip("kubernetes")
-
 from tests.integration.conftest import GatewayFactory as StaticGatewayFactory
 from tests.integration.conftest import Recipe as StaticRecipe
 from tests.integration.conftest import group_of

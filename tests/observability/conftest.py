@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,10 +25,9 @@ from tests.integration.conftest import (  # noqa: F401 - fixtures, found by pyte
     start_gateway,
     upstreams,
 )
-from tests.support import wait_until
+from tests.support import require_tool, wait_until
 
 DEADLINE = 15.0  # generous: the machine is often loaded by other test runs
-PROMTOOL = shutil.which("promtool")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, interval: float = 0.02) -> bool:
@@ -38,9 +36,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE, interval:
 
 
 def require_promtool() -> str:
-    if PROMTOOL is None:
-        pytest.skip("promtool is not installed (Debian package 'prometheus'; `make system-deps`)")
-    return PROMTOOL
+    return require_tool("promtool")
 
 
 def promtool(

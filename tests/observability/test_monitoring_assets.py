@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from tests.k8s.apiserver import FakeApiServer
 from tests.k8s.conftest import Client, GatewayFactory, Group, Recipe, put_config, put_pods
 from tests.k8s.pods import PodFarm
 from tests.observability.conftest import promtool, require_promtool, wait_for
+from tests.support import require_tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -416,9 +416,7 @@ def test_kustomization_lists_the_manifests_and_the_dashboard_configmap() -> None
 
 
 def test_kustomize_renders_the_monitoring_objects() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
+    kubectl = require_tool("kubectl")
     result = subprocess.run(
         [kubectl, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60
     )
