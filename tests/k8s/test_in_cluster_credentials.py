@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
-pytest.importorskip("kubernetes")
-trustme: Any = pytest.importorskip("trustme", reason="trustme is in the `test` extra")
-
-from tests.k8s.apiserver import FakeApiServer, endpoint, port  # noqa: E402
-from tests.k8s.conftest import (  # noqa: E402
+from tests.k8s.apiserver import FakeApiServer, endpoint, port
+from tests.k8s.conftest import (
     CONFIGMAP,
     NS,
     Client,
@@ -32,8 +30,8 @@ from tests.k8s.conftest import (  # noqa: E402
     shard_config,
     wait_for,
 )
-from tests.k8s.pods import PodFarm  # noqa: E402
-from tests.support import close_and_report  # noqa: E402
+from tests.k8s.pods import PodFarm
+from tests.support import close_and_report
 
 TOKEN = "in-cluster-service-account-token"
 GROUPS = [Group("group-a", "svc-a"), Group("group-b", "svc-b")]
