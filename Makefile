@@ -58,6 +58,8 @@ checkov-venv: $(CHECKOV_VENV)/bin/checkov
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: $(STAMP) system-deps checkov-venv lint
