@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gateway import offline
 from gateway.config import ConfigError
 from gateway.observability.logs import configure_logging
+from gateway.observability.tracing import tracing_options
 from gateway.settings import flag_help, load_settings
 
 
@@ -73,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             grace_timeout=args.grace_timeout,
             log_level=args.log_level,
         )
+        tracing_options(os.environ)  # the OTEL_* variables are checked before anything starts
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"shardgate run: {problem}", file=sys.stderr)

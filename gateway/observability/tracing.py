@@ -168,8 +168,41 @@ class Tracing:
         span.end()
 
 
+class TracingOptions:
+    """What the standard OTEL_* variables ask for (checked, the SDK not loaded yet)."""
+
+    __slots__ = ("exporter", "parent_based", "ratio", "sampler")
+
+    def __init__(self, exporter: str, sampler: str, ratio: float, parent_based: bool) -> None:
+        self.exporter = exporter
+        self.sampler = sampler
+        self.ratio = ratio
+        self.parent_based = parent_based
+
+
 def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
     """The configured tracer, or None when tracing is off (then it costs nothing per request)."""
+    options = tracing_options(env)
+    if options is None:
+        return None
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
+
+    exporter: SpanExporter
+    if options.exporter == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_EXPORTER_OTLP_*
+    log.info(
+        "tracing on: exporter %s, sampler %s, ratio %s", options.exporter, options.sampler, options.ratio
+    )
+    service = env.get("OTEL_SERVICE_NAME") or "shardgate"
+    return build_tracing(exporter, service, options.ratio, options.parent_based)
+
+
+def tracing_options(env: Mapping[str, str]) -> TracingOptions | None:
+    """The OTEL_* variables, checked (ConfigError naming the variable); None: tracing is off."""
     if (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true":
         return None
     exporter_name = (env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
@@ -190,18 +223,7 @@ def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
             raise ConfigError([f"OTEL_TRACES_SAMPLER_ARG: {raw!r} is not a number"]) from None
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError([f"OTEL_TRACES_SAMPLER_ARG: {ratio} is not between 0 and 1"])
-
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
-
-    exporter: SpanExporter
-    if exporter_name == "console":
-        exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_EXPORTER_OTLP_*
-    log.info("tracing on: exporter %s, sampler %s, ratio %s", exporter_name, sampler_name, ratio)
-    return build_tracing(exporter, env.get("OTEL_SERVICE_NAME") or "shardgate", ratio, parent_based)
+    return TracingOptions(exporter_name, sampler_name, ratio, parent_based)
 
 
 def build_tracing(exporter: Any, service_name: str, ratio: float, parent_based: bool) -> Tracing:

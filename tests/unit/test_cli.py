@@ -433,6 +433,16 @@ def test_run_returns_the_gateway_exit_code(clean_env: pytest.MonkeyPatch) -> Non
             {},
             "shardgate run: SHARDGATE_LOG_LEVEL: 'LOUD' is not",
         ),
+        (  # the standard OTEL_* variables are checked before anything starts, like ours
+            ["run", "--config", "a"],
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4318", "OTEL_TRACES_SAMPLER_ARG": "often"},
+            "shardgate run: OTEL_TRACES_SAMPLER_ARG: 'often' is not a number",
+        ),
+        (
+            ["run", "--config", "a"],
+            {"OTEL_TRACES_EXPORTER": "zipkin"},
+            "shardgate run: OTEL_TRACES_EXPORTER: 'zipkin' is not",
+        ),
     ],
 )
 def test_run_config_errors_exit_2(
