@@ -27,6 +27,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.build import PURE_PYTHON_ENV
 from tests.integration.upstream import (
     BlackholePort,
     DeadPort,
@@ -369,7 +370,10 @@ class GatewayFactory:
         port, admin_port = free_port(), free_port()
         while admin_port == port:
             admin_port = free_port()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
+        # (SHARDGATE_PURE_PYTHON is kept: `make test-pure` runs these suites on the .py modules)
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_") or k == PURE_PYTHON_ENV
+        }
         full_env.update(BASE_ENV)
         full_env.update(env)
         full_env["PYTHONUNBUFFERED"] = "1"

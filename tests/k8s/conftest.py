@@ -28,6 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.build import PURE_PYTHON_ENV
 from tests.k8s.apiserver import FakeApiServer, endpoint, port
 from tests.k8s.pods import KEY_HEADER, PodFarm
 from tests.support import close_and_report, contract_ring, free_port, wait_until
@@ -362,7 +363,11 @@ class GatewayFactory:
         listen, admin = free_port(), free_port()
         while admin == listen:
             admin = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDGATE_", "KUBERNETES_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SHARDGATE_", "KUBERNETES_")) or k == PURE_PYTHON_ENV
+        }
         env.update(
             {
                 "KUBECONFIG": str(self.kubeconfig),

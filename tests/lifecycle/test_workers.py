@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from gateway.build import PURE_PYTHON_ENV
 from tests.integration.conftest import REPO_ROOT, Gateway, Recipe, config_document, group_of
 from tests.integration.conftest import GatewayFactory as StaticGatewayFactory
 from tests.lifecycle.conftest import (
@@ -190,7 +191,7 @@ def test_a_starting_worker_takes_no_request_before_it_has_a_topology(
     settings = Settings.model_validate({"config_path": "shards.yaml", "listen": f"127.0.0.1:{port}"})
     topology = TopologyUpdate.of(TopologyBuilder().build(config))
     message = Start(index=0, settings=settings, topology=topology).encode()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_") or k == PURE_PYTHON_ENV}
     with open(tmp_path / "worker.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.workers"],
