@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+COMPILE_STAMP := $(VENV)/.compiled
 
 .PHONY: demo test lint bench clean system-deps checkov-venv
+.PHONY: compile test-pure clean-compiled
 
 # On CI (CI=true; .ci/run sets it) a tool that cannot be installed fails the build. Elsewhere the
 # tests that need it skip, and `pytest -ra` says which package provides it and how to install it.
@@ -62,8 +64,34 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
-test: $(STAMP) system-deps checkov-venv lint
+# The whole suite runs on the compiled build, then the data-plane suites again as plain Python.
+test: $(STAMP) $(COMPILE_STAMP) system-deps checkov-venv lint
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PURE_PYTHON_PYTEST)
+
+# The compiled data plane (setup.py compiles the modules gateway/build.py lists, in place, beside
+# their .py files; `pip install -e` did the first build). Rebuilt when a source changes: only the
+# changed modules are translated and compiled again. SHARDGATE_NO_EXTENSIONS=1 builds nothing.
+$(COMPILE_STAMP): $(STAMP) setup.py $(wildcard gateway/*.py gateway/*.pxd gateway/proxy/*.py gateway/proxy/*.pxd)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $(COMPILE_STAMP)
+
+compile: $(COMPILE_STAMP)
+
+# The suites that exercise the data plane, on the .py modules (SHARDGATE_PURE_PYTHON=1: see
+# gateway/build.py), so that the plain-Python fallback keeps working too.
+PURE_PYTHON_TESTS := $(wildcard tests/integration/test_proxy_*.py) tests/proxy tests/unit/test_router.py \
+	tests/unit/test_ring.py tests/unit/test_dataplane_inprocess.py tests/unit/test_build.py \
+	tests/lifecycle/test_shutdown.py
+
+PURE_PYTHON_PYTEST = SHARDGATE_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(PURE_PYTHON_TESTS)
+
+test-pure: $(STAMP)
+	$(PURE_PYTHON_PYTEST)
+
+clean-compiled:
+	find gateway -name '*.so' -delete
+	rm -rf build/cython $(COMPILE_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
