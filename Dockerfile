@@ -18,20 +18,25 @@ FROM debian:12-slim AS build
 ARG DEBIAN_FRONTEND=noninteractive
 # python3-venv (python3-defaults, pinned) brings Debian 12's Python 3.11: the interpreter the
 # distroless runtime ships at the same path (/usr/bin/python3), which the venv links to.
+# gcc (gcc-defaults) and python3-dev (its headers; libc6-dev comes with them) compile the data
+# plane (setup.py); they stay in this stage: the runtime has no compiler.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv=3.11.2-1+b1 \
+    && apt-get install -y --no-install-recommends python3-venv=3.11.2-1+b1 python3-dev=3.11.2-1+b1 \
+        gcc=4:12.2.0-3 \
     && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY gateway/ gateway/
-# Wheels for shardgate and every dependency, then a venv installed from those wheels only;
-# pip itself is removed from the venv afterwards (nothing installs at run time).
+# Wheels for shardgate (its data plane compiled: the build fails if a listed module is not) and
+# every dependency, then a venv installed from those wheels only; pip itself is removed from
+# the venv afterwards (nothing installs at run time).
 RUN python3 -m venv /opt/shardgate \
     && /opt/shardgate/bin/pip wheel --wheel-dir /wheels . \
     && /opt/shardgate/bin/pip install --no-index --find-links /wheels /wheels/shardgate-*.whl \
+    && /opt/shardgate/bin/python3 -I -c "from gateway.build import uncompiled_modules as u; m = u(); assert not m, m" \
     && /opt/shardgate/bin/pip uninstall -y pip setuptools \
     && /opt/shardgate/bin/python3 -m compileall -q /opt/shardgate/lib
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from gateway import build
 from tests.deploy.conftest import REPO_ROOT
 from tests.support import require_tool
 
@@ -40,6 +41,10 @@ for module in pkgutil.walk_packages(gateway.__path__, "gateway."):
     if not module.name.endswith(".__main__"):  # that one runs the CLI
         importlib.import_module(module.name)
 """
+
+
+# What the Dockerfile's build stage runs after installing the wheel.
+CHECK_COMPILED = "from gateway.build import uncompiled_modules as u; m = u(); assert not m, m"
 
 
 @dataclass
@@ -164,6 +169,15 @@ def test_runtime_stage_contract() -> None:
     assert f'licenses="{project()["license"]["text"]}"' in labels
 
 
+def test_build_stage_compiles_the_data_plane_and_the_runtime_has_no_compiler() -> None:
+    build_stage, runtime = stages()[0], stages()[-1]
+    build_runs = " ".join(i.args for i in build_stage if i.keyword == "RUN")
+    assert re.search(r"\bgcc=\S+", build_runs) and re.search(r"\bpython3-dev=\S+", build_runs)
+    assert CHECK_COMPILED in build_runs, "the build stage must fail when the wheel is not compiled"
+    assert "setup.py" in {Path(source).name for source, _ in copy_sources()}
+    assert not [i for i in runtime if i.keyword == "RUN"]  # (so no compiler is installed there)
+
+
 def test_dockerignore_keeps_every_copied_path() -> None:
     sources = copy_sources()
     assert sources
@@ -177,6 +191,8 @@ def test_dockerignore_keeps_every_copied_path() -> None:
     assert ignored_by_dockerignore(Path("tests/unit/test_cli.py"))
     assert ignored_by_dockerignore(Path(".venv/bin/python"))
     assert ignored_by_dockerignore(Path("gateway/__pycache__/cli.cpython-311.pyc"))
+    # An in-place (editable) build's extension modules: the image compiles its own.
+    assert ignored_by_dockerignore(Path("gateway/proxy/server.cpython-311-x86_64-linux-gnu.so"))
 
 
 # --- the wheel the image installs ----------------------------------------------------------------
@@ -189,9 +205,8 @@ def docker_context(target: Path) -> Path:
     for source, destination in copy_sources():
         src, dest = REPO_ROOT / source, workdir / destination
         if src.is_dir():  # a directory's contents go into the destination directory
-            shutil.copytree(
-                src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.py[cod]"), dirs_exist_ok=True
-            )
+            dropped = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so")  # as .dockerignore does
+            shutil.copytree(src, dest, ignore=dropped, dirs_exist_ok=True)
         else:
             dest = dest / src.name if destination.endswith("/") else dest
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -213,11 +228,20 @@ def test_wheel_from_the_docker_context_runs_in_a_fresh_venv(tmp_path: Path) -> N
     wheels = tmp_path / "wheels"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), "."], cwd=context)
     (wheel,) = wheels.glob("shardgate-*.whl")
-    assert wheel.name.startswith(f"shardgate-{project()['version']}-py3-none-any")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "gateway/__init__.py" in names and "gateway/cli.py" in names
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
+    # With a C compiler here (as in the image's build stage) the data plane is compiled: an
+    # extension module beside each listed module's source (kept for SHARDGATE_PURE_PYTHON=1).
+    compiler = build.c_compiler_available()
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}" if compiler else "py3-none-any"
+    assert wheel.name.startswith(f"shardgate-{project()['version']}-{tag}"), wheel.name
+    for module in build.listed_modules():
+        path = module.replace(".", "/")
+        assert f"{path}.py" in names, path
+        extension = [n for n in names if n.startswith(f"{path}.") and n.endswith(".so")]
+        assert bool(extension) == compiler, (path, extension)
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
@@ -234,6 +258,8 @@ def test_wheel_from_the_docker_context_runs_in_a_fresh_venv(tmp_path: Path) -> N
         assert command in help_text
     origin = run([str(python), "-c", IMPORT_EVERY_MODULE], cwd=outside, timeout=120)
     assert origin.stdout.startswith(str(venv)), origin.stdout  # the wheel's code, not the checkout's
+    if compiler:  # the Dockerfile's own check: every listed module loads compiled
+        run([str(python), "-I", "-c", CHECK_COMPILED], cwd=outside, timeout=120)
     validated = run(
         [str(shardgate), "validate", str(REPO_ROOT / "deploy" / "base" / "shards.yaml")],
         cwd=outside,
