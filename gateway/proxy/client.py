@@ -51,7 +51,7 @@ class _ParseAbort(Exception):
     """Raised in a parser callback to stop parsing: the request was refused already."""
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:  # an asyncio protocol: the loop calls these methods by name
     __slots__ = (
         "_fields",
         "_fresh_read",
@@ -119,6 +119,9 @@ class ClientConnection(asyncio.Protocol):
             if exchange.started and exchange.state != DONE:
                 exchange.state = DONE
                 record(ctx, exchange, CLIENT_CLOSED, ctx.loop.time(), self.peer)
+
+    def eof_received(self) -> bool:
+        return False  # the client half-closed: close our side too (asyncio.Protocol's default)
 
     def pause_writing(self) -> None:
         self.flow.write_paused = True

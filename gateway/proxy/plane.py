@@ -44,8 +44,10 @@ class DataPlane:
         ctx = self.ctx = ProxyContext(
             loop, self._holder, self._metrics, self._limits, self._tracing, self._access_log
         )
+        # (ClientConnection implements asyncio.Protocol without subclassing it: compiled, it is
+        # an extension type, which cannot have a Python base class.)
         self._server = await loop.create_server(
-            lambda: ClientConnection(ctx),
+            lambda: ClientConnection(ctx),  # type: ignore[arg-type, return-value]
             self._listen[0],
             self._listen[1],
             reuse_address=True,

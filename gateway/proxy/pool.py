@@ -102,7 +102,9 @@ class PodLink:
         pod = self.pod
         try:
             async with asyncio.timeout(ctx.limits.connect_timeout):
-                _, conn = await loop.create_connection(
+                # (UpstreamConnection implements asyncio.Protocol without subclassing it: compiled,
+                # it is an extension type, which cannot have a Python base class.)
+                _, conn = await loop.create_connection(  # type: ignore[type-var]
                     lambda: UpstreamConnection(ctx, self), pod.host, pod.port
                 )
         except (OSError, TimeoutError):

@@ -46,7 +46,7 @@ class ResponseSink(Protocol):
     def client_writable(self) -> bool: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:  # an asyncio protocol: the loop calls these methods by name
     __slots__ = (
         "_framing",
         "_head_at",

@@ -1,0 +1,9 @@
+# Cython declarations for context.py (see flow.pxd): read on every request through the typed
+# ``ctx`` attribute of both connections.
+
+cdef class ProxyContext:
+    cdef public object loop, tracing, access_log, holder, metrics, limits, next_id, pools, _sweeper
+    cdef public Py_ssize_t body_limit_digits
+    cdef public set clients, upstreams
+    cdef public bint draining, closing
+    cdef public double sweep_interval
