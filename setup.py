@@ -47,7 +47,7 @@ def warn(message: str) -> None:
 
 
 def extensions() -> list[Extension]:
-    if BUILD["_truthy"](os.environ.get(BUILD["NO_EXTENSIONS_ENV"])):
+    if BUILD["no_extensions_requested"]():
         warn(f"{BUILD['NO_EXTENSIONS_ENV']} is set: installing pure Python (slower data plane)")
         return []
     if platform.python_implementation() != "CPython":

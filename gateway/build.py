@@ -44,6 +44,10 @@ def pure_python_requested(environ: Mapping[str, str] = os.environ) -> bool:
     return _truthy(environ.get(PURE_PYTHON_ENV))
 
 
+def no_extensions_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    return _truthy(environ.get(NO_EXTENSIONS_ENV))
+
+
 def listed_modules(root: Path = _PACKAGE_ROOT) -> list[str]:
     """``COMPILED`` with each ``package.*`` expanded to the modules found beside ``root``."""
     names: list[str] = []
@@ -118,3 +122,8 @@ def c_compiler_available() -> bool:
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()  # as distutils
     headers = Path(sysconfig.get_paths()["include"], "Python.h")
     return bool(compiler) and shutil.which(compiler[0]) is not None and headers.is_file()
+
+
+def compiling_expected() -> bool:
+    """Whether an install here compiles the listed modules: a C compiler, and not asked not to."""
+    return c_compiler_available() and not no_extensions_requested()
