@@ -35,6 +35,7 @@ from gateway.proxy.request_head import (
     sliced_field_lines,
     upstream_head,
 )
+from gateway.proxy.sides import ClientSide
 from gateway.router import REPEATED_KEY, Refusal, decide, is_write
 from gateway.topology import Topology
 
@@ -51,7 +52,7 @@ class _ParseAbort(Exception):
     """Raised in a parser callback to stop parsing: the request was refused already."""
 
 
-class ClientConnection:  # an asyncio protocol: the loop calls these methods by name
+class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these methods by name
     __slots__ = (
         "_fields",
         "_fresh_read",
@@ -87,9 +88,8 @@ class ClientConnection:  # an asyncio protocol: the loop calls these methods by 
         self._reading_head = False
         self._fresh_read: bytes | None = None  # this read, when a request head begins at its start
 
-    @property
-    def write_paused(self) -> bool:
-        return self.flow.write_paused
+    def writable(self) -> bool:
+        return not self.flow.write_paused
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -369,14 +369,17 @@ class ClientConnection:  # an asyncio protocol: the loop calls these methods by 
     def update_reading(self) -> None:
         """Hold reading back while a request waits for an earlier one, or while too much of a
         body is buffered with no upstream connection to take it."""
-        if self.closed:
-            return
         exchanges = self.exchanges
         flow = self.flow
+        if self.closed or (not flow.read_blocks and len(exchanges) < 2 and not self._buffering()):
+            return  # the usual case: reading, one request at a time, nothing piling up
         flow.set_block(PIPELINE, len(exchanges) > 1)
-        active = exchanges[0] if exchanges else None
-        waiting = active is not None and active.upstream is None and active.pending_bytes > PENDING_LIMIT
-        flow.set_block(PENDING, waiting)
+        flow.set_block(PENDING, self._buffering())
+
+    def _buffering(self) -> bool:
+        """Too much body is buffered for an exchange still waiting for its upstream connection."""
+        active = self.exchanges[0] if self.exchanges else None
+        return active is not None and active.upstream is None and active.pending_bytes > PENDING_LIMIT
 
     def upstream_full(self, full: bool) -> None:
         self.flow.set_block(UPSTREAM_FULL, full)

@@ -1,19 +1,20 @@
-# Cython declarations for exchange.py (see flow.pxd).
-#
-# ``client`` (the ClientSide interface) and ``upstream`` stay untyped objects: typing them would
-# cimport client.pxd / upstream.pxd, and a cimport is an import when the module initialises,
-# while client.py imports this module (a cycle). Types may only be shared along the direction
-# the modules import one another.
+# Cython declarations for exchange.py (see flow.pxd). ``client`` is typed by its interface
+# (sides.ClientSide), so the exchange calls its client connection through a C vtable without
+# importing client.py (which imports this module).
 
-cdef class Exchange:
-    cdef public object client, upstream, decision, refusal, error, pod, served_by, span
-    cdef public object traceparent, dechunker
+from gateway.proxy.sides cimport ClientSide, ResponseSink
+from gateway.proxy.upstream cimport UpstreamConnection
+
+cdef class Exchange(ResponseSink):
+    cdef public ClientSide client
+    cdef public UpstreamConnection upstream
+    cdef public object decision, refusal, error, pod, served_by, span, traceparent, dechunker
     cdef public double start_time
     cdef public int state, status, attempts
-    cdef public bytes head, rid, method, target
+    cdef public bytes rid, method, target
     cdef public list pending
     cdef public Py_ssize_t pending_bytes, body_bytes
-    cdef public bint chunked, request_done, keep_alive, http10, is_head, is_write, expect_continue
+    cdef public bint chunked, keep_alive, is_write, expect_continue
 
     cpdef head_complete(self, method)
     cpdef add_body(self, data)
@@ -24,4 +25,14 @@ cdef class Exchange:
     cpdef release(self)
     cpdef start(self)
     cpdef dispatch(self, exclude)
-    cpdef send_on(self, conn, double now)
+    cpdef send_on(self, UpstreamConnection conn, double now)
+    # ResponseSink
+    cpdef response_head(self, bytes kept, int status, framing, body, bytes group)
+    cpdef response_body(self, data)
+    cpdef response_complete(self, double now)
+    cpdef upstream_lost(self, bint reused_connection, bint until_close)
+    cpdef upstream_invalid(self)
+    cpdef upstream_timeout(self)
+    cpdef internal_error(self)
+    cpdef upstream_full(self, bint full)
+    cpdef bint client_writable(self) except -1

@@ -17,7 +17,7 @@ client connection through the small ``ClientSide`` interface.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from gateway.proxy.response_head import (
     Dechunker,
@@ -26,11 +26,11 @@ from gateway.proxy.response_head import (
     finish_head,
     without_transfer_encoding,
 )
+from gateway.proxy.sides import ClientSide, ResponseSink
 from gateway.router import Decision, Refusal, choose_pod
 from gateway.topology import Pod, PodState
 
 if TYPE_CHECKING:
-    from gateway.proxy.context import ProxyContext
     from gateway.proxy.pool import PodLink
     from gateway.proxy.upstream import UpstreamConnection
 
@@ -49,24 +49,7 @@ _READY = PodState.READY
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class ClientSide(Protocol):
-    """What an exchange needs of the client connection it belongs to."""
-
-    ctx: ProxyContext
-    closed: bool
-
-    @property
-    def write_paused(self) -> bool: ...
-
-    def send(self, data: bytes | memoryview) -> None: ...
-    def exchange_done(self, exchange: Exchange, now: float) -> None: ...
-    def abort(self, exchange: Exchange) -> None: ...
-    def refuse(self, exchange: Exchange, refusal: Refusal) -> None: ...
-    def upstream_full(self, full: bool) -> None: ...
-    def update_reading(self) -> None: ...
-
-
-class Exchange:
+class Exchange(ResponseSink):
     """One request/response pair on a client connection."""
 
     __slots__ = (
@@ -289,7 +272,7 @@ class Exchange:
         connection = connection_field(not self.keep_alive, self.http10)
         self.client.send(finish_head(kept, group, self.rid, connection, b"" if framing.dechunk else body))
         if framing.dechunk:
-            self.dechunker = Dechunker(self.client.send)
+            self.dechunker = _dechunker_to(self.client)
             if body:
                 self.dechunker.feed(body)
 
@@ -351,7 +334,13 @@ class Exchange:
         self.client.upstream_full(full)
 
     def client_writable(self) -> bool:
-        return not self.client.write_paused
+        return self.client.writable()
+
+
+def _dechunker_to(client: ClientSide) -> Dechunker:
+    """A de-chunker writing to ``client`` (its bound ``send``: a plain function here, because a
+    typed attribute's method is a C function in the compiled build, not a Python callable)."""
+    return Dechunker(client.send)
 
 
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -48,7 +48,9 @@ class FlowControl:
         return resumed
 
     def set_block(self, reason: int, blocked: bool) -> None:
-        if blocked:
-            self.block_reading(reason)
-        else:
-            self.unblock_reading(reason)
+        """Hold reading back for ``reason``, or not (usually already so: nothing to do)."""
+        if blocked != bool(self.read_blocks & reason):
+            if blocked:
+                self.block_reading(reason)
+            else:
+                self.unblock_reading(reason)

@@ -11,39 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
 
 from gateway.proxy.flow import CLIENT_SLOW, FlowControl
-from gateway.proxy.response_head import DELIMITED, Framing, client_head, framing, parse_head_response
+from gateway.proxy.response_head import DELIMITED, client_head, framing, parse_head_response
+from gateway.proxy.sides import ResponseSink
 
 log = logging.getLogger("shardgate.proxy")
 
 if TYPE_CHECKING:
     from gateway.proxy.context import ProxyContext
     from gateway.proxy.pool import PodLink
-
-
-class ResponseSink(Protocol):
-    """What the upstream connection needs of the exchange it carries."""
-
-    head: bytes
-    is_head: bool
-    http10: bool
-    request_done: bool
-
-    def response_head(
-        self, kept: bytes, status: int, framing: Framing, body: bytes | memoryview, group: bytes
-    ) -> None: ...
-    def response_body(self, data: bytes | memoryview) -> None: ...
-    def response_complete(self, now: float) -> None: ...
-    def upstream_lost(self, reused_connection: bool, until_close: bool) -> None: ...
-    def upstream_invalid(self) -> None: ...
-    def upstream_timeout(self) -> None: ...
-    def internal_error(self) -> None: ...
-    def upstream_full(self, full: bool) -> None: ...
-    def client_writable(self) -> bool: ...
 
 
 class UpstreamConnection:  # an asyncio protocol: the loop calls these methods by name
