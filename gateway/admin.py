@@ -11,6 +11,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
+from gateway import build
 from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
 from gateway.router import MISSING_KEY, REPEATED_KEY, Refusal, owner_group
 from gateway.topology import PodStats, TopologyHolder, unpooled_stats
@@ -79,7 +80,11 @@ class AdminApp:
 
     async def debug_ring(self, request: web.Request) -> web.Response:
         topology = self._holder.current
-        data: dict[str, object] = {"config": self._config_status(), "draining": self._is_draining()}
+        data: dict[str, object] = {
+            "config": self._config_status(),
+            "draining": self._is_draining(),
+            "build": build.describe(),
+        }
         if self._extra_debug is not None:
             data.update(self._extra_debug())
         if topology is None:

@@ -15,6 +15,7 @@ import os
 
 import uvloop
 
+from gateway import build
 from gateway.admin import AdminApp, AdminServer
 from gateway.control import ControlPlane
 from gateway.lifecycle import run_until_stopped
@@ -72,10 +73,11 @@ class Gateway:
         control.start()
         assert self.listen_address is not None
         log.info(
-            "shardgate listening on %s:%d (admin %s:%d), epoch %s",
+            "shardgate listening on %s:%d (admin %s:%d), epoch %s, compiled modules: %s",
             *self.listen_address,
             *self.admin_address,
             self.holder.current.epoch if self.holder.current else None,
+            ", ".join(build.compiled_modules()) or "none (pure Python)",
         )
 
     @property

@@ -76,6 +76,11 @@ def compiled_modules() -> list[str]:
     return sorted(name for name in list(sys.modules) if name.startswith("gateway.") and is_compiled(name))
 
 
+def describe() -> dict[str, object]:
+    """The build this process runs, for the start-up log and /debug/ring."""
+    return {"compiled": compiled_modules(), "pure_python_requested": pure_python_requested()}
+
+
 def uncompiled_modules() -> list[str]:
     """The listed modules that load as plain Python here (each is imported to find out)."""
     import importlib

@@ -217,3 +217,17 @@ def test_debug_route_strips_only_spaces_and_tabs_like_the_data_plane(gw: Gateway
         assert served.header("X-Shard-Group") == setup.recipe.owner(key)
         doc = gw.route(key)
         assert (doc["key"], doc["group"]) == (key, setup.recipe.owner(key)), (key, doc)
+
+
+def test_debug_ring_names_the_build_the_gateway_runs(gw: Gateway) -> None:
+    """The running gateway loads the build this test run is about: its compiled modules when
+    they are installed here (the main run), none with SHARDGATE_PURE_PYTHON=1 (the second run)."""
+    from gateway import build
+
+    reported = gw.debug_ring()["build"]
+    if build.pure_python_requested():
+        assert reported == {"compiled": [], "pure_python_requested": True}
+        return
+    expected = [name for name in build.listed_modules() if name not in build.uncompiled_modules()]
+    assert set(expected) <= set(reported["compiled"]), reported
+    assert "compiled modules: " in gw.log_tail(200)
