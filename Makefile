@@ -96,5 +96,5 @@ clean-compiled:
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-clean:
+clean: clean-compiled
 	rm -rf $(VENV) .venv-checkov build *.egg-info .pytest_cache .ruff_cache
