@@ -52,6 +52,7 @@ _NAMED_ACTIONS = {
     b"transfer-encoding": TRANSFER_ENCODING,
 }
 _ALWAYS_REMOVED = frozenset({DROP, CONNECTION, FORWARDED_FOR, VIA, EXPECT})
+NOT_CACHED = -1  # no action: a spelling not classified yet
 ACTION_CACHE_SIZE = 1024  # spellings of field names remembered per topology snapshot
 _NO_NAMES: frozenset[bytes] = frozenset()
 _OWS = b" \t"
@@ -135,8 +136,8 @@ def read_fields(
     """
     read = RequestFields()
     for index, (name, value) in enumerate(fields):
-        action = actions.get(name)
-        if action is None:
+        action = actions.get(name, NOT_CACHED)
+        if action == NOT_CACHED:
             action = classify(name.lower(), topology)
             if len(actions) < ACTION_CACHE_SIZE:
                 actions[name] = action
@@ -218,15 +219,23 @@ def field_block(raw: bytes | None, fields: Fields, removed: list[int] | None) ->
     field lines sliced from the read, when the head arrived whole), else rebuilt from the
     parsed pairs; without the fields at the ``removed`` indexes."""
     if raw is not None:
-        if removed is None:
-            return raw
-        lines = raw.split(b"\r\n")  # one line per field: llhttp refuses folded lines
-    else:
-        lines = [b"%s: %s" % field for field in fields]
-        if removed is None:
-            return b"".join([line + b"\r\n" for line in lines])
+        return raw if removed is None else without_lines(raw, removed)
+    lines = [b"%s: %s" % field for field in fields]
+    if removed is None:
+        return b"".join([line + b"\r\n" for line in lines])
     gone = set(removed)
-    return b"".join([line + b"\r\n" for index, line in enumerate(lines) if index not in gone and line])
+    return b"".join([line + b"\r\n" for index, line in enumerate(lines) if index not in gone])
+
+
+def without_lines(raw: bytes, removed: list[int]) -> bytes:
+    """``raw``, field lines each ending in CRLF and one per field (llhttp refuses folded lines),
+    without the lines at the ``removed`` indexes: split only up to the last one removed (the
+    rest stays one piece), and joined again."""
+    gone = sorted(set(removed))  # (a field can be removed for two reasons)
+    lines = raw.split(b"\r\n", gone[-1] + 1)
+    for index in reversed(gone):  # from the last: deleting a line moves those after it
+        del lines[index]
+    return b"\r\n".join(lines)
 
 
 def sliced_field_lines(read: bytes) -> bytes:

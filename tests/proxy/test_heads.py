@@ -6,11 +6,13 @@ import pytest
 
 from gateway.config import parse_shard_config
 from gateway.proxy.request_head import (
+    ACTION_CACHE_SIZE,
     RequestFields,
     field_block,
     read_fields,
     sliced_field_lines,
     upstream_head,
+    without_lines,
 )
 from gateway.proxy.response_head import (
     DELIMITED,
@@ -66,6 +68,21 @@ def test_an_ingress_head_loses_only_its_forwarded_for_line(topology: Topology) -
     kept = [f for i, f in enumerate(INGRESS) if i != 3]
     assert field_block(block(INGRESS), INGRESS, read.removed) == block(kept)
     assert field_block(None, INGRESS, read.removed) == block(kept)
+
+
+def test_cached_actions_give_the_same_reading(topology: Topology) -> None:
+    actions: dict[bytes, int] = {}
+    first = read_fields(INGRESS, actions, topology, 9)
+    assert set(actions) == {name for name, _ in INGRESS}  # each spelling classified once
+    again = read_fields(INGRESS, actions, topology, 9)  # now every action comes from the cache
+    for slot in ("removed", "key", "host", "request_id", "forwarded_for", "traceparent_at", "has_proto"):
+        assert getattr(again, slot) == getattr(first, slot), slot
+
+
+def test_the_action_cache_is_bounded(topology: Topology) -> None:
+    actions = {b"x-filler-%d" % i: 0 for i in range(ACTION_CACHE_SIZE)}
+    read = read_fields([(b"User-ID", b"bob")], actions, topology, 9)
+    assert read.key == b"bob" and len(actions) == ACTION_CACHE_SIZE  # classified, not cached
 
 
 def test_the_head_sent_upstream_adds_the_gateways_fields(topology: Topology) -> None:
@@ -130,6 +147,33 @@ def test_hop_by_hop_shard_and_connection_named_fields_are_dropped(topology: Topo
     assert sorted(read.removed or []) == [0, 1, 2, 3, 4, 5]
     assert read.expect_continue and read.has_connection
     assert field_block(block(fields), fields, read.removed) == b"X-Kept: yes\r\n"
+
+
+LINES = [b"A: 0", b"B: 1", b"C: 2", b"D: 3", b"E: 4"]
+
+
+@pytest.mark.parametrize(
+    "removed",
+    [[0], [2], [4], [1, 3], [2, 3], [3, 2], [0, 1, 2, 3, 4], [2, 2], [4, 0], [3, 1, 3]],
+    ids=["first", "middle", "last", "several", "adjacent", "unsorted", "all", "twice", "ends", "mixed"],
+)
+def test_removed_lines_are_cut_out_of_the_raw_block(removed: list[int]) -> None:
+    raw = b"".join(line + b"\r\n" for line in LINES)
+    kept = b"".join(line + b"\r\n" for i, line in enumerate(LINES) if i not in removed)
+    assert without_lines(raw, removed) == kept
+    fields = [tuple(line.split(b": ")) for line in LINES]
+    assert field_block(raw, fields, removed) == kept
+    assert field_block(None, fields, removed) == kept  # rebuilt from the pairs: the same
+
+
+def test_a_raw_block_with_nothing_removed_is_forwarded_as_it_is() -> None:
+    raw = b"A: 0\r\nB:  1 \r\n"
+    assert field_block(raw, [(b"A", b"0"), (b"B", b"1 ")], None) is raw
+
+
+def test_a_raw_block_shorter_than_its_fields_is_an_error_not_a_guess() -> None:
+    with pytest.raises(IndexError):
+        without_lines(b"A: 0\r\n", [3])
 
 
 def test_a_sliced_head_is_found_after_empty_lines() -> None:
