@@ -242,7 +242,10 @@ def sliced_field_lines(read: bytes) -> bytes:
     """The field lines of a head that is whole in ``read``, which begins with it: after the
     request line (and the empty lines a server may skip before it, RFC 9112 2.2) up to the
     blank line. llhttp accepted them, so their lines end in CRLF and none is folded."""
-    line_end = read.find(b"\r\n", len(read) - len(read.lstrip(b"\r\n")))
+    start = 0
+    while read[start] in b"\r\n":  # the empty lines, counted in place (lstrip would copy)
+        start += 1
+    line_end = read.find(b"\r\n", start)
     return read[line_end + 2 : read.find(b"\r\n\r\n", line_end) + 2]
 
 
