@@ -1,8 +1,20 @@
 # Cython declarations for client.py (see flow.pxd).
 
+cimport cython
+
+from gateway.proxy.accounting cimport record
 from gateway.proxy.exchange cimport Exchange
 from gateway.proxy.flow cimport FlowControl
+from gateway.proxy.http cimport valid_host
+from gateway.proxy.request_head cimport (
+    RequestFields,
+    field_block,
+    read_fields,
+    sliced_field_lines,
+    upstream_head,
+)
 from gateway.proxy.sides cimport ClientSide
+from gateway.router cimport decide, is_write
 
 cdef class ClientConnection(ClientSide):
     cdef public FlowControl flow
@@ -18,6 +30,13 @@ cdef class ClientConnection(ClientSide):
     cpdef _feed(self, data)
     cpdef _advance(self)
     cpdef bint _buffering(self) except -1
+    # The request head, once complete: llhttp calls on_headers_complete as a Python method;
+    # the steps it takes are C calls on typed arguments.
+    @cython.locals(exchange=Exchange, fields=RequestFields, sliced=bytes, parsed=list)
+    cpdef on_headers_complete(self)
+    cpdef _read_connection_options(self, Exchange exchange, RequestFields fields)
+    cpdef _route(self, Exchange exchange, RequestFields fields, topology)
+    cpdef bytes _upstream_head(self, Exchange exchange, list parsed, RequestFields fields, topology, bytes sliced)
     # ClientSide
     cpdef send(self, data)
     cpdef exchange_done(self, exchange, double now)

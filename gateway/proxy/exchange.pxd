@@ -2,6 +2,10 @@
 # (sides.ClientSide), so the exchange calls its client connection through a C vtable without
 # importing client.py (which imports this module).
 
+cimport cython
+
+from gateway.proxy.pool cimport PodLink
+from gateway.proxy.response_head cimport connection_field, finish_head
 from gateway.proxy.sides cimport ClientSide, ResponseSink
 from gateway.proxy.upstream cimport UpstreamConnection
 
@@ -24,6 +28,7 @@ cdef class Exchange(ResponseSink):
     cpdef bind(self, pod)
     cpdef release(self)
     cpdef start(self)
+    @cython.locals(link=PodLink)
     cpdef dispatch(self, exclude)
     cpdef send_on(self, UpstreamConnection conn, double now)
     # ResponseSink

@@ -30,6 +30,9 @@ cdef _note_removed(RequestFields read, int action, Py_ssize_t index, bytes value
 
 cpdef bytes field_block(bytes raw, fields, list removed)
 
+@cython.locals(start=Py_ssize_t, line_end=Py_ssize_t)
+cpdef bytes sliced_field_lines(bytes read)
+
 @cython.locals(gone=list, lines=list, index=Py_ssize_t)
 cpdef bytes without_lines(bytes raw, list removed)
 

@@ -4,6 +4,7 @@
 from gateway.proxy.context cimport ProxyContext
 from gateway.proxy.flow cimport FlowControl
 from gateway.proxy.pool cimport PodLink
+from gateway.proxy.response_head cimport client_head, framing
 from gateway.proxy.sides cimport ResponseSink
 
 cdef class UpstreamConnection:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-import gateway.proxy.client as server
 from gateway.config import Limits
+from gateway.ring import ShardRing
 from tests.proxy.harness import KEY_HEADER, Harness, harness, responses_in
 
 
@@ -31,10 +31,12 @@ def _request(extra: bytes = b"") -> bytes:
 def test_a_bug_while_reading_a_request_is_a_logged_500(
     plane: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken_router(*args: object) -> object:
+    def broken_lookup(*args: object) -> object:
         raise RuntimeError("a bug in the router")
 
-    monkeypatch.setattr(server, "decide", broken_router)
+    # The ring's key lookup (a Python-level method call in both builds: the compiled client
+    # calls the router's functions directly, so patching them on the module would not reach it).
+    monkeypatch.setattr(ShardRing, "cached_owner", broken_lookup)
     client, transport = plane.connect()
     with caplog.at_level(logging.ERROR):
         plane.feed(client, [_request()])
