@@ -22,12 +22,13 @@ from collections.abc import Mapping, Sequence
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 
-# The data plane: what runs per request. (topology.py and metrics.py are called per request
-# too, but only for a few attribute reads and one method each: see bench/dataplane.py.)
+# The data plane: what runs per request, and the counters every request updates (metrics.py).
+# (topology.py is read per request too, but only a few attributes: see bench/dataplane.py.)
 COMPILED: tuple[str, ...] = (
     "gateway.proxy.*",
     "gateway.router",
     "gateway.ring",
+    "gateway.observability.metrics",
 )
 
 PURE_PYTHON_ENV = "SHARDGATE_PURE_PYTHON"  # at run time: load the .py modules
