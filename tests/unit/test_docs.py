@@ -6,6 +6,8 @@
 - The errors table of ``docs/contract.md`` lists exactly the (status, code) pairs the gateway
   can send: the pairs written as literals in ``gateway/`` calls (``Refusal(400, "...")``,
   ``fail(exchange, 502, "...")``, ``_error(400, "...")``, ...), and the expected list below.
+- The README's Performance section links the benchmark run it quotes (committed under
+  ``bench/results/``), and every figure in its table is a figure of that run.
 """
 
 from __future__ import annotations
@@ -192,3 +194,42 @@ def test_the_gateway_sends_no_code_missing_from_the_table() -> None:
 @pytest.mark.parametrize("error", sorted(EXPECTED_ERRORS), ids=lambda error: f"{error[0]}-{error[1]}")
 def test_the_gateway_sends_every_code_of_the_table(error: tuple[int, str]) -> None:
     assert error in codes_in_the_gateway()
+
+
+# -- the README's performance figures are those of the committed run it links -------------------
+
+_RECORDED_RUN = re.compile(r"\]\((bench/results/[\w.-]+\.md)\)")
+_FIGURE = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?x?")
+
+
+def _readme_performance_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Performance\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def _first_table_rows(text: str) -> list[list[str]]:
+    """The body rows of the first Markdown table in ``text``, as stripped cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in table[2:]]
+
+
+def test_the_readme_quotes_a_committed_benchmark_run() -> None:
+    runs = _RECORDED_RUN.findall(_readme_performance_section())
+    assert runs, "the Performance section links the run under bench/results/ that it quotes"
+    for run in runs:
+        assert (ROOT / run).is_file() and (ROOT / run).with_suffix(".json").is_file(), run
+
+
+def test_every_figure_of_the_readme_performance_table_is_in_that_run() -> None:
+    section = _readme_performance_section()
+    recorded = (ROOT / _RECORDED_RUN.findall(section)[0]).read_text(encoding="utf-8")
+    figures_of_the_run = set(_FIGURE.findall(recorded))
+    rows = _first_table_rows(section)
+    assert len(rows) >= 5
+    for row in rows:
+        for cell in row[1:-1]:  # the metric's name and the target are not measurements
+            for figure in _FIGURE.findall(cell):
+                assert figure in figures_of_the_run, f"{figure} ({row[0]}) is not in the recorded run"
