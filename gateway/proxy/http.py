@@ -41,9 +41,11 @@ REQUEST_ID_LIMIT = 128
 _VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 # The answers for the Host values seen lately: a gateway serves a handful of hosts, so nearly
 # every check is a dict hit instead of a regex match. Cleared when full (as the ring's key
-# cache), so a client sending a new Host each time cannot grow it.
+# cache), so a client sending a new Host each time cannot grow it; and only values as long as a
+# real host (a 253-byte DNS name and a port) are kept, so that it cannot hold much memory either.
 _HOST_CACHE: dict[bytes, bool] = {}
 HOST_CACHE_SIZE = 256
+CACHED_HOST_BYTES = 260
 
 
 def valid_request_id(value: bytes | None) -> bool:
@@ -60,9 +62,10 @@ def valid_host(value: bytes) -> bool:
     valid = _HOST_CACHE.get(value)
     if valid is None:
         valid = _VALID_HOST.fullmatch(value) is not None
-        if len(_HOST_CACHE) >= HOST_CACHE_SIZE:
-            _HOST_CACHE.clear()
-        _HOST_CACHE[value] = valid
+        if len(value) <= CACHED_HOST_BYTES:
+            if len(_HOST_CACHE) >= HOST_CACHE_SIZE:
+                _HOST_CACHE.clear()
+            _HOST_CACHE[value] = valid
     return valid
 
 

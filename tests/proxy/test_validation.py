@@ -64,3 +64,14 @@ def test_valid_host_answers_stay_right_across_cache_clears() -> None:
     cache = getattr(http, "_HOST_CACHE", None)  # a C global in the compiled build
     if cache is not None:
         assert len(cache) <= http.HOST_CACHE_SIZE
+
+
+def test_a_host_longer_than_a_real_one_is_checked_every_time_and_not_kept() -> None:
+    long_valid = b"a" * 5000 + b":80"
+    long_invalid = b"a" * 5000 + b"/x"
+    for _ in range(2):
+        assert valid_host(long_valid)
+        assert not valid_host(long_invalid)
+    cache = getattr(http, "_HOST_CACHE", None)  # a C global in the compiled build
+    if cache is not None:
+        assert long_valid not in cache and long_invalid not in cache
