@@ -56,7 +56,14 @@ class BuildInfo:
     compiled: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "mismatch": self.mismatch}
+        """As recorded: the files named from the directory that holds ``gateway/`` (a checkout or
+        site-packages), so that a committed run names no path of the machine it ran on."""
+        recorded = {**asdict(self), "mismatch": self.mismatch}
+        if self.package_dir is not None:
+            root = Path(self.package_dir).parent
+            recorded["package_dir"] = _relative(self.package_dir, root)
+            recorded["modules"] = {name: _relative(path, root) for name, path in self.modules.items()}
+        return recorded
 
     @property
     def mismatch(self) -> str | None:
@@ -68,6 +75,12 @@ class BuildInfo:
         if self.build == "pure" and self.loaded_extensions:
             return f"the probe found no compiled modules, but the process mapped {self.loaded_extensions}"
         return None
+
+
+def _relative(path: str | None, root: Path) -> str | None:
+    if path is None or not Path(path).is_relative_to(root):
+        return path
+    return str(Path(path).relative_to(root))
 
 
 def describe_modules(names: Sequence[str] = DATA_PLANE) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 - Every relative link in the README, ``docs/``, ``bench/README.md`` and ``CHANGELOG.md``
   resolves to a file (or folder) of the repository, and a ``#fragment`` to a heading of the
-  linked Markdown file; none of them names a path of a development machine.
+  linked Markdown file; none of them, nor a committed benchmark run, names a path of a
+  development machine.
 - The errors table of ``docs/contract.md`` lists exactly the (status, code) pairs the gateway
   can send: the pairs written as literals in ``gateway/`` calls (``Refusal(400, "...")``,
   ``fail(exchange, 502, "...")``, ``_error(400, "...")``, ...), and the expected list below.
@@ -117,12 +118,18 @@ def test_relative_links_resolve_inside_the_repository(path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def recorded_runs() -> list[Path]:
+    """The committed benchmark runs (``latest.*`` is each machine's own, and git ignores it)."""
+    results = ROOT / "bench" / "results"
+    return sorted(p for p in results.glob("*.*") if p.suffix in (".json", ".md") and p.stem != "latest")
+
+
+@pytest.mark.parametrize("path", documents() + recorded_runs(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_path_outside_the_repository_is_named(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     found = [
         f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
-        for needle in OUTSIDE_PATHS
+        for needle in (*OUTSIDE_PATHS, str(ROOT) + "/")
         for m in re.finditer(re.escape(needle) + r"\S*", text)
     ]
     assert not found, "\n".join(found)
