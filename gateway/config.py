@@ -158,10 +158,38 @@ class GroupConfig(_Strict):
         return tuple(parse_host_port(item) for item in self.endpoints or ())
 
 
+class HandoffConfig(_Strict):
+    """How a config change that moves keys is carried out (docs/handoff.md)."""
+
+    # fenced: drop-before-add with a barrier; immediate: switch at once (no guarantee across
+    # replicas: for comparison and for fleets whose backends have no fence).
+    mode: Literal["fenced", "immediate"] = "fenced"
+    # A fence that could not confirm its view of the shard state for this long refuses writes.
+    # Well above the API-server outages the gateway rides out (10 s), so those cost nothing.
+    fence_lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # A barrier not reached in this long rolls the hand-off back. A participant nobody can reach
+    # counts as stopped two leases after the fence phase began (one for its view to run out, one
+    # for the writes it accepted just before to finish), so the timeout must be above that.
+    barrier_timeout_seconds: Annotated[float, Field(gt=0, le=7200)] = 180.0
+    # A write for a moving key waits this long at a gateway for the hand-off to end, then gets
+    # 503 shard_moving.
+    hold_seconds: Annotated[float, Field(ge=0, le=60)] = 2.0
+
+    @model_validator(mode="after")
+    def _timeout_above_two_leases(self) -> HandoffConfig:
+        if self.barrier_timeout_seconds <= 2 * self.fence_lease_seconds:
+            raise ValueError(
+                "barrier_timeout_seconds must be above twice fence_lease_seconds (a pod that cannot"
+                " be reached counts as stopped only two leases after the fence phase began)"
+            )
+        return self
+
+
 class ShardConfig(_Strict):
     version: Literal[1]
     routing: RoutingConfig = RoutingConfig()
     ring: RingConfig = RingConfig()
+    handoff: HandoffConfig = HandoffConfig()
     groups: tuple[GroupConfig, ...]
 
     @field_validator("groups")
