@@ -1197,10 +1197,10 @@ class FakeApiServer:
                     transport.close()
         return dropped
 
-    async def _drop_watches(self, which: Callable[[_Watch], bool] | None = None) -> int:
-        """Close every open watch (or those ``which`` selects) without a terminating chunk."""
+    async def _drop_watches(self, selected: Callable[[_Watch], bool] | None = None) -> int:
+        """Close every open watch (or those ``selected`` picks) without a terminating chunk."""
         with self._lock:
-            watches = [w for w in self._watches if which is None or which(w)]
+            watches = [w for w in self._watches if selected is None or selected(w)]
             self._watches.difference_update(watches)
         for watch in watches:
             watch.queue.put_nowait(_Queued("drop", None, time.monotonic()))
