@@ -46,7 +46,7 @@ from aiohttp.typedefs import Handler, Middleware
 from gateway.config import GroupConfig, ShardConfig
 from gateway.proxy.http import valid_request_id
 from gateway.router import MISSING_KEY, REPEATED_KEY, Refusal, is_write
-from gateway.settings import SERVICE_ACCOUNT_DIR, env_name
+from gateway.settings import SERVICE_ACCOUNT_DIR, env_name, pod_namespace
 from gateway.shardstate import (
     STATE_KEY,
     Moving,
@@ -77,7 +77,6 @@ __all__ = [
     "Verdict",
     "decide",
     "default_namespace",
-    "lease_of",
 ]
 
 log = logging.getLogger("shardgate.fence")
@@ -131,14 +130,6 @@ def default_routing() -> Topology:
     writes (and so refused as unconfirmed) is then all the fence can tell."""
     placeholder = GroupConfig(name="no-view-yet", endpoints=("127.0.0.1:9",))
     return TopologyBuilder().build(ShardConfig(version=1, groups=(placeholder,)))
-
-
-def lease_of(view: View) -> float:
-    """The view's lease: while fencing, the larger of the two configs' (either may be in force)."""
-    lease = view.current.config.handoff.fence_lease_seconds
-    if view.incoming is not None:
-        lease = max(lease, view.incoming.config.handoff.fence_lease_seconds)
-    return lease
 
 
 def decide(view: View | None, group: str, confirmed: bool, method: bytes, headers: HeaderValues) -> Verdict:
@@ -405,29 +396,11 @@ def _state_text(obj: object) -> str | None:
 
 def default_namespace() -> str:
     """The namespace the gateway would use (``gateway.settings``): SHARDGATE_NAMESPACE, else the
-    service account's ``namespace`` file (SHARDGATE_SERVICE_ACCOUNT_DIR), else the kubeconfig's
-    current context's namespace, else ``default``."""
+    service account's ``namespace`` file (SHARDGATE_SERVICE_ACCOUNT_DIR), else ``default``."""
     explicit = os.environ.get(env_name("namespace"))
     if explicit:
         return explicit
-    directory = os.environ.get(env_name("service_account_dir")) or SERVICE_ACCOUNT_DIR
-    try:
-        own = (Path(directory) / "namespace").read_text().strip()
-    except OSError:
-        own = ""
-    return own or _kubeconfig_namespace() or "default"
-
-
-def _kubeconfig_namespace() -> str | None:
-    """The current context's namespace of the kubeconfig ``load_api_client`` reads, if any."""
-    from kubernetes.config import list_kube_config_contexts
-
-    try:
-        _contexts, current = list_kube_config_contexts()  # type: ignore[no-untyped-call]
-    except Exception:  # no or unreadable kubeconfig: load_api_client reports it at start
-        return None
-    namespace = ((current or {}).get("context") or {}).get("namespace")
-    return namespace if isinstance(namespace, str) and namespace else None
+    return pod_namespace(os.environ.get(env_name("service_account_dir")) or SERVICE_ACCOUNT_DIR)
 
 
 def _group_or_env(group: str | None) -> str:
@@ -559,13 +532,13 @@ class Fence:
         view, at = self._view, self._confirmed_at
         if view is None or at is None:
             return False
-        return (time.monotonic() if now is None else now) - at <= lease_of(view)
+        return (time.monotonic() if now is None else now) - at <= view.lease
 
     async def _confirm_loop(self) -> None:
         while True:
             await self._read_after(time.monotonic())
             view = self._view
-            interval = self.source.interval(lease_of(view) if view is not None else None)
+            interval = self.source.interval(view.lease if view is not None else None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
@@ -677,7 +650,7 @@ class Fence:
         view, at = self._view, self._confirmed_at
         if view is None or at is None or self._lapsed:
             return
-        delay = at + lease_of(view) - time.monotonic() + _EXPIRY_SLACK
+        delay = at + view.lease - time.monotonic() + _EXPIRY_SLACK
         self._expiry = asyncio.get_running_loop().call_later(max(delay, 0.0), self._expired)
 
     def _expired(self) -> None:
@@ -691,7 +664,7 @@ class Fence:
             "fence %s: shard state not confirmed for %.1fs (lease %.1fs): refusing writes%s",
             self.group,
             time.monotonic() - (self._confirmed_at or 0.0),
-            lease_of(view) if view is not None else 0.0,
+            view.lease if view is not None else 0.0,
             f" (last problem: {self._problem})" if self._problem else "",
         )
 
@@ -717,7 +690,7 @@ class Fence:
             return None
         if isinstance(verdict, Accept) and view is not None:
             self._accepted += 1
-            return self._writes.add(verdict.key, now, lease_of(view))
+            return self._writes.add(verdict.key, now, view.lease)
         assert isinstance(verdict, Refuse)  # (decide accepts nothing without a view)
         self._refused[verdict.code] += 1
         body: dict[str, object] = {"error": verdict.code, "detail": verdict.detail}
@@ -760,7 +733,7 @@ class Fence:
             "next_epoch": view.next_epoch if view is not None else None,
             "confirmed": self.confirmed(now),
             "confirmed_age": round(now - at, 3) if at is not None else None,
-            "lease_seconds": lease_of(view) if view is not None else None,
+            "lease_seconds": view.lease if view is not None else None,
             "writes_in_flight": self._writes.count,
             "moving_writes_in_flight": self._writes.moving(view),
             "accepted": self._accepted,

@@ -47,11 +47,8 @@ def losing_groups(old: ShardConfig, new: ShardConfig) -> frozenset[str]:
 
 
 def view_lease(view: View) -> float:
-    """The lease a party holding ``view`` uses: the longer of the two configs' while fencing."""
-    leases = [view.current.config.handoff.fence_lease_seconds]
-    if view.incoming is not None:
-        leases.append(view.incoming.config.handoff.fence_lease_seconds)
-    return max(leases)
+    """The lease a party holding ``view`` uses (``View.lease``)."""
+    return view.lease
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,13 +45,17 @@ Count = Annotated[int, Field(ge=0)]
 _LIMITS = Limits()
 
 
-def _pod_namespace(data: dict[str, Any]) -> str:
-    """The namespace of the pod we run in (the service account's ``namespace`` file), else default."""
-    directory = data.get("service_account_dir") or SERVICE_ACCOUNT_DIR
+def pod_namespace(service_account_dir: str = SERVICE_ACCOUNT_DIR) -> str:
+    """The namespace of the pod we run in (the service account's ``namespace`` file), else default.
+    The gateway's default, and the backend fence's (``gateway.fence``)."""
     try:
-        return (Path(directory) / "namespace").read_text().strip() or "default"
+        return (Path(service_account_dir) / "namespace").read_text().strip() or "default"
     except OSError:
         return "default"
+
+
+def _pod_namespace(data: dict[str, Any]) -> str:
+    return pod_namespace(data.get("service_account_dir") or SERVICE_ACCOUNT_DIR)
 
 
 class Settings(BaseSettings):

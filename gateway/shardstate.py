@@ -154,6 +154,15 @@ class View:
         return self.incoming.epoch if self.incoming is not None else None
 
     @property
+    def lease(self) -> float:
+        """How long a party may act on this view after it last confirmed it: while fencing,
+        the longer of the two configs' leases (either config may be the one in force)."""
+        leases = [self.current.config.handoff.fence_lease_seconds]
+        if self.incoming is not None:
+            leases.append(self.incoming.config.handoff.fence_lease_seconds)
+        return max(leases)
+
+    @property
     def routing_topology(self) -> Topology:
         """The topology whose routing rules (key header, write methods) apply in this view."""
         return self.current

@@ -270,7 +270,8 @@ def backend_process(kubeconfig: Path, tmp_path: Path) -> Iterator[int]:
         if not k.startswith(("SHARDGATE_", "KUBERNETES_")) or k == PURE_PYTHON_ENV
     }
     env |= {
-        "KUBECONFIG": str(kubeconfig),  # its current context's namespace is NS
+        "KUBECONFIG": str(kubeconfig),
+        "SHARDGATE_NAMESPACE": NS,  # as the gateway's: not the kubeconfig context's
         "SHARDGATE_GROUP": OWN,
         "SHARDGATE_SERVICE_ACCOUNT_DIR": str(tmp_path / "no-service-account"),
         "PYTHONUNBUFFERED": "1",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import parse_shard_config
-from gateway.fence import Accept, InFlight, Refuse, Verdict, decide, lease_of
+from gateway.fence import Accept, InFlight, Refuse, Verdict, decide
 from gateway.offline import route
 from gateway.router import Refusal, owner_group
 from gateway.shardstate import Moving, View
@@ -203,9 +203,9 @@ def test_fencing_a_routing_change_moves_every_key() -> None:
 
 
 def test_while_fencing_the_lease_is_the_larger_of_the_two() -> None:
-    assert lease_of(STABLE) == 60.0
-    assert lease_of(View.of(fencing(2, config_text(lease=5), config_text(GROWN, lease=2)))) == 5
-    assert lease_of(View.of(fencing(2, config_text(lease=2), config_text(GROWN, lease=7)))) == 7
+    assert STABLE.lease == 60.0
+    assert View.of(fencing(2, config_text(lease=5), config_text(GROWN, lease=2))).lease == 5
+    assert View.of(fencing(2, config_text(lease=2), config_text(GROWN, lease=7))).lease == 7
 
 
 def test_in_flight_moving_counts_keys_moving_under_a_view() -> None:
