@@ -5,3 +5,4 @@
 cpdef bint is_write(topology, bytes method, bytes operation) except -1
 cpdef owner_group(topology, bytes raw_key)
 cpdef decide(topology, bytes method, bytes raw_key, bytes operation)
+cpdef moving_to(handoff, bytes raw_key, str owner)

@@ -9,9 +9,20 @@ from __future__ import annotations
 import random
 import re
 
-from gateway.topology import Decision, GroupView, Pod, PodState, Topology
+from gateway.topology import Decision, GroupView, Handoff, Pod, PodState, Topology
 
-__all__ = ["REPEATED_KEY", "Decision", "Refusal", "choose_pod", "decide", "is_write", "owner_group"]
+__all__ = [
+    "MISSING_KEY",
+    "REPEATED_KEY",
+    "Decision",
+    "Refusal",
+    "choose_pod",
+    "decide",
+    "is_write",
+    "moving_to",
+    "owner_group",
+    "shard_moving",
+]
 
 MAX_KEY_BYTES = 256
 _READY = PodState.READY
@@ -50,6 +61,15 @@ MISSING_KEY = Refusal(400, "missing_shard_key", "a write needs the shard key hea
 REPEATED_KEY = Refusal(400, "invalid_shard_key", "the shard key header must appear once")
 NOT_READY = Refusal(503, "not_ready", "no shard config is loaded yet")
 NO_READY_POD = Refusal(503, "shard_unavailable", "no shard group has a ready pod", retry_after=1)
+
+
+def shard_moving(source: str, target: str) -> Refusal:
+    return Refusal(
+        503,
+        "shard_moving",
+        f"a hand-off is moving this key from {source} to {target}: retry once it ends",
+        retry_after=1,
+    )
 
 
 def invalid_key(reason: str) -> Refusal:
@@ -116,6 +136,10 @@ def decide(
     if write:
         if owner is None:
             return MISSING_KEY
+        if topology.handoff is not None and raw_key is not None:  # (a write with an owner has a key)
+            target = moving_to(topology.handoff, raw_key, owner.name)
+            if target is not None:
+                return shard_moving(owner.name, target)
         if not owner.ready:
             return shard_unavailable(owner.name)
         return owner.write_decision
@@ -128,6 +152,13 @@ def decide(
     if not topology.ready:
         return NO_READY_POD
     return topology.any_read
+
+
+def moving_to(handoff: Handoff, raw_key: bytes, owner: str) -> str | None:
+    """The group a hand-off moves an (already validated) key to, or None if it stays."""
+    found = owner_group(handoff.incoming, raw_key)
+    target = found.name if isinstance(found, GroupView) else owner
+    return target if handoff.every_key_moves or target != owner else None
 
 
 def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod | None:

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gateway.config import ConfigError, ShardConfig, parse_shard_config
 from gateway.offline import moved_fraction, movement
-from gateway.router import Refusal, owner_group
-from gateway.topology import Topology, TopologyBuilder
+from gateway.router import Refusal, moving_to, owner_group
+from gateway.topology import Handoff, Topology, TopologyBuilder
 
 STATE_KEY = "state.json"  # the key of the state ConfigMap that holds the state document
 
@@ -118,8 +118,16 @@ class View:
 
     state: ShardState
     current: Topology  # the config in force (while fencing: the one handed off from)
-    incoming: Topology | None  # while fencing: the config handed to
-    every_key_moves: bool  # while fencing: the routing rules differ (see routing_changes_keys)
+    handoff: Handoff | None  # while fencing: the config handed to, and what moves
+
+    @property
+    def incoming(self) -> Topology | None:
+        """While fencing: the topology of the config handed to."""
+        return self.handoff.incoming if self.handoff is not None else None
+
+    @property
+    def every_key_moves(self) -> bool:
+        return self.handoff is not None and self.handoff.every_key_moves
 
     @classmethod
     def of(cls, state: ShardState) -> View:
@@ -133,8 +141,10 @@ class View:
         # Separate builders: the two topologies must not share Pod objects or a ring.
         current_topology = TopologyBuilder().build(current)
         incoming_topology = TopologyBuilder().build(incoming) if incoming is not None else None
-        every_key_moves = incoming is not None and routing_changes_keys(current, incoming)
-        return cls(state, current_topology, incoming_topology, every_key_moves)
+        handoff = None
+        if incoming is not None and incoming_topology is not None:
+            handoff = Handoff(state.generation, incoming_topology, routing_changes_keys(current, incoming))
+        return cls(state, current_topology, handoff)
 
     @property
     def generation(self) -> int:
@@ -175,13 +185,10 @@ class View:
         rule on both sides of the wire, not a copy of it.
         """
         found = owner_group(self.current, raw_key)
-        if isinstance(found, Refusal) or self.incoming is None:
-            return found if isinstance(found, Refusal) else found.name
-        after = owner_group(self.incoming, raw_key)
-        target = after.name if not isinstance(after, Refusal) else found.name
-        if self.every_key_moves or target != found.name:
-            return Moving(found.name, target)
-        return found.name
+        if isinstance(found, Refusal):
+            return found
+        target = moving_to(self.handoff, raw_key, found.name) if self.handoff is not None else None
+        return Moving(found.name, target) if target is not None else found.name
 
     def describe(self) -> dict[str, object]:
         state = self.state

@@ -83,6 +83,20 @@ class Decision:
         self.candidates = candidates
 
 
+class Handoff:
+    """A hand-off under way (the shard state is fencing): the topology of the config being
+    handed to, so that a write's key can be found moving. Keys whose owner is the same in both
+    configs route as before; a moving key belongs to nobody until the hand-off ends
+    (docs/design/014-ownership-handoff.md)."""
+
+    __slots__ = ("every_key_moves", "generation", "incoming")
+
+    def __init__(self, generation: int, incoming: Topology, every_key_moves: bool) -> None:
+        self.generation = generation
+        self.incoming = incoming
+        self.every_key_moves = every_key_moves  # the two configs read keys or writes differently
+
+
 @dataclass(frozen=True, slots=True)
 class GroupView:
     name: str
@@ -112,6 +126,8 @@ class Topology:
     created: float = field(default_factory=time.time)
     # The data plane's cache: raw field name -> what to do with it (gateway.proxy.request_head).
     header_actions: dict[bytes, int] = field(default_factory=dict)
+    generation: int | None = None  # the shard state's generation this snapshot routes on
+    handoff: Handoff | None = None  # while the shard state is fencing
 
     def describe(self, pod_stats: PodStats) -> dict[str, object]:
         """JSON-ready view for /debug/ring; ``pod_stats`` gives the data plane's view of a pod

@@ -39,6 +39,7 @@ EXPECTED_ERRORS = {
     (502, "upstream_error"),
     (503, "shard_unavailable"),
     (503, "not_ready"),
+    (503, "shard_moving"),
     (504, "upstream_timeout"),
 }
 # ...and the backend fence's (gateway/fence.py), in their own table of the same section.

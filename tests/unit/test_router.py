@@ -26,7 +26,7 @@ from gateway.router import (
     is_write,
     owner_group,
 )
-from gateway.topology import DiscoveredPod, Pod, PodState, Topology, TopologyBuilder
+from gateway.topology import DiscoveredPod, GroupView, Pod, PodState, Topology, TopologyBuilder
 
 GROUPS = ("group-1", "group-2", "group-3")
 READS = ("any", "owner", "owner-preferred")
@@ -415,3 +415,71 @@ def test_only_http_whitespace_is_stripped() -> None:
     found = owner_group(topology(), "\u00a0alice".encode())
     assert not isinstance(found, Refusal)
     assert found.name == recipe_owner("\u00a0alice")
+
+
+# ---------------------------------------------------------------------------------------------
+# A hand-off under way: moving keys belong to nobody, the others route as before
+
+
+def handoff_topology(next_groups: Sequence[str], **next_routing: Any) -> tuple[Topology, Topology]:
+    """The gateway's topology while fencing from GROUPS to ``next_groups``, and the next one."""
+    from gateway.shardstate import Phase, ShardState, View
+
+    def text(groups: Sequence[str], **routing: Any) -> str:
+        document = {
+            "version": 1,
+            "routing": routing,
+            "groups": [{"name": name, "service": f"svc-{i}"} for i, name in enumerate(groups)],
+        }
+        return ShardConfig.model_validate(document).model_dump_json(exclude_none=True)
+
+    state = ShardState(
+        generation=5,
+        phase=Phase.FENCING,
+        config=text(GROUPS),
+        next=text(next_groups, **next_routing),
+        since=0.0,
+    )
+    view = View.of(state)
+    assert view.handoff is not None and view.incoming is not None
+    builder = TopologyBuilder()
+    fencing = builder.build(make_config(), HEALTHY)
+    return (
+        Topology(
+            **{**{f: getattr(fencing, f) for f in fencing.__dataclass_fields__}, "handoff": view.handoff}
+        ),
+        view.incoming,
+    )
+
+
+def test_a_write_for_a_moving_key_is_refused_and_the_others_route_as_before() -> None:
+    fencing, incoming = handoff_topology([*GROUPS, "group-4"])
+    moved = stayed = 0
+    for i in range(500):
+        key = f"user-{i}".encode()
+        before = owner_group(fencing, key)
+        after = owner_group(incoming, key)
+        assert isinstance(before, GroupView) and isinstance(after, GroupView)
+        write = decide(fencing, b"POST", key, None)
+        read = decide(fencing, b"GET", key, None)
+        assert isinstance(read, Decision)  # reads never wait for a hand-off
+        if before.name != after.name:
+            moved += 1
+            assert isinstance(write, Refusal) and (write.status, write.code, write.retry_after) == (
+                503,
+                "shard_moving",
+                1,
+            )
+            assert write.group is None  # a moving key has no owner to name
+        else:
+            stayed += 1
+            assert isinstance(write, Decision) and write.group == before.name
+    assert moved > 50 and stayed > 250  # adding a fourth group moves about a quarter
+
+
+def test_a_routing_change_moves_every_key() -> None:
+    fencing, _ = handoff_topology(GROUPS, key_header="Account-ID")
+    for i in range(50):
+        verdict = decide(fencing, b"PUT", f"user-{i}".encode(), None)
+        assert isinstance(verdict, Refusal) and verdict.code == "shard_moving"
+    assert isinstance(decide(fencing, b"GET", b"user-1", None), Decision)
