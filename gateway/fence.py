@@ -414,21 +414,19 @@ def _group_or_env(group: str | None) -> str:
 # The fence
 
 
-class Fence:
-    """Holds the newest view of the shard state it has read, its lease, and the writes in
-    flight; judges requests on the event loop. Build with ``from_configmap`` / ``from_file``."""
+class StateFollower:
+    """Follows the shard state from a source: the newest view read (never an older one) and
+    its lease (confirmed by direct reads only). The fence judges writes on it; a gateway routes
+    on it. Listeners hear of every new view, on the event loop."""
 
-    def __init__(self, source: StateSource, group: str, *, pod: str | None = None) -> None:
+    def __init__(self, source: StateSource, label: str) -> None:
         self.source = source
-        self.group = group
-        self.pod = pod or socket.gethostname()
+        self.label = label  # for logs: "fence group-2", "gateway"
+        self._listeners: list[Callable[[View], None]] = []
         self._view: View | None = None
         self._confirmed_at: float | None = None  # monotonic send time of the last confirming read
         self._lapsed = False  # the lease ran out (logged) and no read has confirmed since
         self._problem: str | None = None  # the last problem logged, so a lasting one logs once
-        self._writes = InFlight(group)
-        self._accepted = 0
-        self._refused: collections.Counter[str] = collections.Counter()
         self._started = False  # set at once by start(), so that two concurrent starts start once
         self._loop_task: asyncio.Task[None] | None = None
         self._reading: tuple[asyncio.Task[None], float] | None = None  # the read, its send time
@@ -437,52 +435,6 @@ class Fence:
         # Made again by start(): asyncio primitives belong to the loop that first waits on them.
         self._apply_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-
-    @classmethod
-    def from_configmap(
-        cls,
-        name: str,
-        namespace: str | None = None,
-        group: str | None = None,
-        *,
-        api_factory: Callable[[], client.ApiClient] | None = None,
-        confirm_interval: float | None = None,
-        watch_timing: WatchTiming | None = None,
-        pod: str | None = None,
-    ) -> Fence:
-        """Fence on the state ConfigMap of the desired-config ConfigMap ``name``. Credentials
-        as the gateway finds them (``load_api_client``) unless ``api_factory`` gives a client."""
-        group = _group_or_env(group)
-        if api_factory is None:
-            from gateway.discovery.kubernetes import load_api_client
-
-            directory = os.environ.get(env_name("service_account_dir")) or SERVICE_ACCOUNT_DIR
-
-            def api_factory() -> client.ApiClient:
-                return load_api_client(directory)
-
-        source = ConfigMapSource(
-            state_configmap_name(name),
-            namespace or default_namespace(),
-            api_factory,
-            confirm_interval,
-            watch_timing,
-        )
-        return cls(source, group, pod=pod)
-
-    @classmethod
-    def from_file(
-        cls,
-        path: str,
-        group: str | None = None,
-        *,
-        state_path: str | None = None,
-        poll_interval: float = FILE_POLL_INTERVAL,
-        pod: str | None = None,
-    ) -> Fence:
-        """Fence on the state file of the desired-config file ``path`` (or ``state_path``)."""
-        group = _group_or_env(group)
-        return cls(FileSource(state_path or state_file_path(path), poll_interval), group, pod=pod)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -497,12 +449,11 @@ class Fence:
         self._started = True
         try:
             self._apply_lock, self._wake = asyncio.Lock(), asyncio.Event()
-            await asyncio.to_thread(default_routing)  # built once, off the request path
             await self.source.start(self._pushed)
         except BaseException:
             self._started = False
             raise
-        self._loop_task = asyncio.create_task(self._confirm_loop(), name=f"fence-{self.group}")
+        self._loop_task = asyncio.create_task(self._confirm_loop(), name=f"{self.label} state")
 
     async def stop(self) -> None:
         """Stop reading (idempotent); the view held stays, and its lease runs out."""
@@ -581,7 +532,7 @@ class Fence:
         try:
             await self._offer(text, sent, held_at_send)
         except Exception:  # a bug must not end the reads: the lease then refuses writes in time
-            log.exception("fence %s: could not apply the shard state", self.group)
+            log.exception("%s: could not apply the shard state", self.label)
 
     async def _offer(self, text: str, sent: float | None, held_at_send: int) -> None:
         """Apply ``text`` if it is a newer state; a direct read (``sent``) also confirms the view."""
@@ -611,19 +562,22 @@ class Fence:
             if sent is not None:
                 self._confirm(sent)
 
+    def subscribe(self, listener: Callable[[View], None]) -> None:
+        self._listeners.append(listener)
+
     def _switch(self, view: View) -> None:
         self._view = view
-        own = any(self.group in t.groups for t in (view.current, view.incoming) if t is not None)
         log.info(
-            "fence %s: applied shard state generation %d (%s, epoch %s, next epoch %s)%s",
-            self.group,
+            "%s: applied shard state generation %d (%s, epoch %s, next epoch %s)",
+            self.label,
             view.generation,
             view.phase,
             view.epoch,
             view.next_epoch,
-            "" if own else f"; {self.group} is in neither config: every write will be refused",
         )
         self._arm_expiry()
+        for listener in self._listeners:
+            listener(view)
 
     def _confirm(self, sent: float) -> None:
         first = self._confirmed_at is None
@@ -634,8 +588,8 @@ class Fence:
             return  # the read took longer than the lease: it confirms nothing now
         if first or self._lapsed:
             log.info(
-                "fence %s: shard state generation %d confirmed%s",
-                self.group,
+                "%s: shard state generation %d confirmed%s",
+                self.label,
                 self._generation(),
                 " again: accepting writes" if self._lapsed else "",
             )
@@ -661,8 +615,8 @@ class Fence:
         self._lapsed = True
         view = self._view
         log.warning(
-            "fence %s: shard state not confirmed for %.1fs (lease %.1fs): refusing writes%s",
-            self.group,
+            "%s: shard state not confirmed for %.1fs (lease %.1fs): refusing writes%s",
+            self.label,
             time.monotonic() - (self._confirmed_at or 0.0),
             view.lease if view is not None else 0.0,
             f" (last problem: {self._problem})" if self._problem else "",
@@ -672,10 +626,127 @@ class Fence:
         """Log a problem once while it lasts (the reads repeat every interval)."""
         if problem != self._problem:
             self._problem = problem
-            log.warning("fence %s: %s", self.group, problem)
+            log.warning("%s: %s", self.label, problem)
 
     def _generation(self) -> int | None:
         return self._view.generation if self._view is not None else None
+
+    @property
+    def generation(self) -> int | None:
+        """The generation of the view held (None before the first)."""
+        return self._generation()
+
+    @property
+    def confirmed_at(self) -> float | None:
+        """The monotonic send time of the last read that confirmed the view."""
+        return self._confirmed_at
+
+    async def refresh(self, generation: int, timeout: float = REFRESH_WAIT) -> None:
+        """Read the source at once if ``generation`` is above the one held (bounded wait). The
+        caller's number only triggers the read: what is applied is what the source says."""
+        if self._loop_task is None or generation <= (self._generation() or 0):
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._read_after(time.monotonic()), timeout)
+
+
+class Fence:
+    """A backend pod's fence: judges every request, on the event loop, against the view of the
+    shard state its ``StateFollower`` holds, and counts the writes in flight. Build with
+    ``from_configmap`` / ``from_file``."""
+
+    def __init__(self, source: StateSource, group: str, *, pod: str | None = None) -> None:
+        self.group = group
+        self.pod = pod or socket.gethostname()
+        self.follower = StateFollower(source, f"fence {group}")
+        self.follower.subscribe(self._new_view)
+        self._writes = InFlight(group)
+        self._accepted = 0
+        self._refused: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def from_configmap(
+        cls,
+        name: str,
+        namespace: str | None = None,
+        group: str | None = None,
+        *,
+        api_factory: Callable[[], client.ApiClient] | None = None,
+        confirm_interval: float | None = None,
+        watch_timing: WatchTiming | None = None,
+        pod: str | None = None,
+    ) -> Fence:
+        """Fence on the state ConfigMap of the desired-config ConfigMap ``name``. Credentials
+        as the gateway finds them (``load_api_client``) unless ``api_factory`` gives a client."""
+        group = _group_or_env(group)
+        if api_factory is None:
+            from gateway.discovery.kubernetes import load_api_client
+
+            directory = os.environ.get(env_name("service_account_dir")) or SERVICE_ACCOUNT_DIR
+
+            def api_factory() -> client.ApiClient:
+                return load_api_client(directory)
+
+        source = ConfigMapSource(
+            state_configmap_name(name),
+            namespace or default_namespace(),
+            api_factory,
+            confirm_interval,
+            watch_timing,
+        )
+        return cls(source, group, pod=pod)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str,
+        group: str | None = None,
+        *,
+        state_path: str | None = None,
+        poll_interval: float = FILE_POLL_INTERVAL,
+        pod: str | None = None,
+    ) -> Fence:
+        """Fence on the state file of the desired-config file ``path`` (or ``state_path``)."""
+        group = _group_or_env(group)
+        return cls(FileSource(state_path or state_file_path(path), poll_interval), group, pod=pod)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def source(self) -> StateSource:
+        return self.follower.source
+
+    @property
+    def running(self) -> bool:
+        return self.follower.running
+
+    async def start(self) -> None:
+        """Start reading the state (idempotent). Writes are refused until a read confirms one."""
+        await asyncio.to_thread(default_routing)  # built once, off the request path
+        await self.follower.start()
+
+    async def stop(self) -> None:
+        """Stop reading (idempotent); the view held stays, and its lease runs out."""
+        await self.follower.stop()
+
+    @property
+    def view(self) -> View | None:
+        return self.follower.view
+
+    def confirmed(self, now: float | None = None) -> bool:
+        return self.follower.confirmed(now)
+
+    async def refresh(self, generation: int, timeout: float = REFRESH_WAIT) -> None:
+        await self.follower.refresh(generation, timeout)
+
+    def _new_view(self, view: View) -> None:
+        if not any(self.group in t.groups for t in (view.current, view.incoming) if t is not None):
+            log.warning(
+                "fence %s: %s is in neither config of generation %d: every write will be refused",
+                self.group,
+                self.group,
+                view.generation,
+            )
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -684,7 +755,7 @@ class Fence:
         Ticket (an accepted write: release it when the application is done with it) or the
         Answer to send instead. Synchronous: no view switch can fall between the check and
         the registration of an accepted write."""
-        view, now = self._view, time.monotonic()
+        view, now = self.follower.view, time.monotonic()
         verdict = decide(view, self.group, self.confirmed(now), method, headers)
         if verdict is None:
             return None
@@ -711,16 +782,8 @@ class Fence:
             await self.refresh(wanted)
         return Answer(200, STATE_CODE, _json_bytes(self.describe()), request_id)
 
-    async def refresh(self, generation: int, timeout: float = REFRESH_WAIT) -> None:
-        """Read the source at once if ``generation`` is above the one held (bounded wait). The
-        caller's number only triggers the read: what is applied is what the source says."""
-        if self._loop_task is None or generation <= (self._generation() or 0):
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._read_after(time.monotonic()), timeout)
-
     def describe(self) -> dict[str, object]:
-        view, at = self._view, self._confirmed_at
+        view, at = self.follower.view, self.follower.confirmed_at
         now = time.monotonic()
         return {
             "fence": 1,
