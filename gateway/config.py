@@ -158,6 +158,16 @@ class GroupConfig(_Strict):
         return tuple(parse_host_port(item) for item in self.endpoints or ())
 
 
+# Added to a lease before a silent party counts as stopped: clock-rate drift between the leader
+# and the party (1%) and the time a read takes to reach the API server.
+LEASE_MARGIN_SECONDS = 2.0
+LEASE_DRIFT = 0.01
+
+
+def lease_margin(lease: float) -> float:
+    return LEASE_MARGIN_SECONDS + LEASE_DRIFT * lease
+
+
 class HandoffConfig(_Strict):
     """How a config change that moves keys is carried out (docs/handoff.md)."""
 
@@ -177,10 +187,11 @@ class HandoffConfig(_Strict):
 
     @model_validator(mode="after")
     def _timeout_above_two_leases(self) -> HandoffConfig:
-        if self.barrier_timeout_seconds <= 2 * self.fence_lease_seconds:
+        silent = 2 * self.fence_lease_seconds + lease_margin(self.fence_lease_seconds)
+        if self.barrier_timeout_seconds <= silent:
             raise ValueError(
-                "barrier_timeout_seconds must be above twice fence_lease_seconds (a pod that cannot"
-                " be reached counts as stopped only two leases after the fence phase began)"
+                f"barrier_timeout_seconds must be above {silent:g} (twice fence_lease_seconds + 2 s"
+                " + 1% of it): a pod that cannot be reached counts as stopped only then"
             )
         return self
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -56,12 +55,13 @@ from gateway.shardstate import (
     state_configmap_name,
     state_file_path,
 )
+from gateway.tasks import cancel_and_wait, sleep_or_wake
 from gateway.topology import Topology, TopologyBuilder
 
 if TYPE_CHECKING:
     from kubernetes import client
 
-    from gateway.discovery.kubernetes import RawObject, ResourceWatcher, WatchTiming
+    from gateway.discovery.kubernetes import RawObject, ResourceWatcher, WatchStatus, WatchTiming
 
 __all__ = [
     "FENCE_HEADER",
@@ -347,7 +347,7 @@ class ConfigMapSource:
                 loop.call_soon_threadsafe(changed, text)
 
         self._watcher = ResourceWatcher(
-            self.name,
+            f"configmap/{self.configmap}",  # named as the gateway's other watches are
             list_call(watch_api, CONFIGMAPS),
             {"namespace": self.namespace, "field_selector": f"metadata.name={self.configmap}"},
             deliver,
@@ -380,6 +380,11 @@ class ConfigMapSource:
         if text is None:
             raise SourceUnavailable(f"{self.name} has no {STATE_KEY!r} key")
         return text
+
+    @property
+    def watch_status(self) -> WatchStatus | None:
+        """The state watch's status (a gateway shows it beside its other watches)."""
+        return self._watcher.status if self._watcher is not None else None
 
     def stop(self) -> None:
         if self._watcher is not None:
@@ -467,8 +472,7 @@ class StateFollower:
             pending.append(self._reading[0])
             self._reading = None
         for item in pending:
-            item.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(item)
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -490,8 +494,7 @@ class StateFollower:
             await self._read_after(time.monotonic())
             view = self._view
             interval = self.source.interval(view.lease if view is not None else None)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await sleep_or_wake(self._wake, interval)
             self._wake.clear()
 
     async def _read_after(self, asked: float) -> None:
@@ -646,8 +649,11 @@ class StateFollower:
         caller's number only triggers the read: what is applied is what the source says."""
         if self._loop_task is None or generation <= (self._generation() or 0):
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._read_after(time.monotonic()), timeout)
+        reading = asyncio.ensure_future(self._read_after(time.monotonic()))
+        try:
+            await asyncio.wait({reading}, timeout=timeout)
+        finally:
+            reading.cancel()  # (the read itself is shielded: it goes on, and confirms)
 
 
 class Fence:

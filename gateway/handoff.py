@@ -12,19 +12,10 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.config import ConfigError, ShardConfig, parse_shard_config
+from gateway.config import ConfigError, ShardConfig, lease_margin, parse_shard_config
 from gateway.offline import movement
 from gateway.ring import config_epoch
 from gateway.shardstate import Phase, ShardState, View, routing_changes_keys
-
-# Added to a lease before a silent participant counts as stopped: clock-rate drift between the
-# leader and the party (1%) and the time a read takes to reach the API server.
-LEASE_MARGIN_SECONDS = 2.0
-LEASE_DRIFT = 0.01
-
-
-def lease_margin(lease: float) -> float:
-    return LEASE_MARGIN_SECONDS + LEASE_DRIFT * lease
 
 
 def text_digest(text: str) -> str:

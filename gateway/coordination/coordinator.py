@@ -25,7 +25,6 @@ from gateway.coordination.election import Election
 from gateway.coordination.prober import UNFENCED, PodProber
 from gateway.coordination.registry import ReplicaRegistry
 from gateway.coordination.store import Conflict, StateStore
-from gateway.coordination.tasks import cancel_and_wait, sleep_or_wake
 from gateway.handoff import (
     Barrier,
     Desired,
@@ -37,6 +36,7 @@ from gateway.handoff import (
 )
 from gateway.ring import config_epoch
 from gateway.shardstate import Phase, ShardState, View, moved_share
+from gateway.tasks import cancel_and_wait, sleep_or_wake
 
 __all__ = ["Coordinator"]
 

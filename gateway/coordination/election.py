@@ -39,7 +39,7 @@ from gateway.coordination.kube import (
     check_name,
     micro_time,
 )
-from gateway.coordination.tasks import cancel_and_wait, sleep_or_wake
+from gateway.tasks import cancel_and_wait, sleep_or_wake
 
 if TYPE_CHECKING:
     from kubernetes import client

@@ -25,8 +25,8 @@ from gateway.coordination.kube import (
     micro_time,
     parse_time,
 )
-from gateway.coordination.tasks import cancel_and_wait, sleep_or_wake
 from gateway.handoff import Report
+from gateway.tasks import cancel_and_wait, sleep_or_wake
 
 if TYPE_CHECKING:
     from kubernetes import client

@@ -90,7 +90,7 @@ def config_text(
         "handoff": {
             "mode": mode,
             "fence_lease_seconds": lease,
-            "barrier_timeout_seconds": timeout if timeout is not None else 3 * lease,
+            "barrier_timeout_seconds": timeout if timeout is not None else 3 * lease + 3,
             "hold_seconds": hold,
         },
         "groups": [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from gateway.coordination import (
 )
 from gateway.handoff import lease_margin
 from gateway.ring import config_epoch
-from gateway.shardstate import Phase
+from gateway.shardstate import STATE_KEY, Phase, ShardState
 from tests.coordination.conftest import (
     CONFIGMAP,
     FAST,
@@ -36,6 +37,7 @@ from tests.coordination.conftest import (
     GROWN,
     NS,
     SHRUNK,
+    STATE_CONFIGMAP,
     Backend,
     Desired,
     Kube,
@@ -207,31 +209,38 @@ def async_confirmed(backend: Backend, generation: int) -> Any:
     return check
 
 
-def test_a_replica_on_an_old_generation_holds_the_barrier_until_the_rollback_and_no_early_retry(
+def test_a_leader_that_takes_over_a_late_fence_phase_rolls_it_back_and_retries_after_a_while(
     api: FakeApiServer, kube: Kube, history: StateHistory
 ) -> None:
-    # Lease 1 s, timeout 3 s: the deadline (3 s) comes before a silent participant would count
-    # as stopped (2 x 1 + 2.01 s), so a replica stuck on generation 1 forces the rollback.
-    before = config_text(GROUPS, lease=1, timeout=3)
-    after = config_text(SHRUNK, lease=1, timeout=3)
-    other = config_text(GROWN, lease=1, timeout=3)
-    desired = Desired(before)
+    # A valid config's deadline is beyond the silent deadline of a barrier the leader saw begin
+    # (timeout > 2 x lease + margin), so a continuous leader always commits. A leader that takes
+    # over a fence phase another one began long ago starts its own silent deadline when it first
+    # sees it: past the state's deadline, a replica stuck on generation 1 forces the rollback.
+    before = config_text(GROUPS, lease=1, timeout=4.5)
+    after = config_text(SHRUNK, lease=1, timeout=4.5)
+    other = config_text(GROWN, lease=1, timeout=4.5)
+    desired = Desired(after)
+    now = time.time()
+    first = ShardState(generation=1, phase=Phase.STABLE, config=before, since=now - 60)
+    begun = ShardState(
+        generation=2, phase=Phase.FENCING, config=before, next=after, since=now - 3, deadline=now + 1.5
+    )
+    api.put_configmap(NS, STATE_CONFIGMAP, {STATE_KEY: first.to_json()})
+    api.put_configmap(NS, STATE_CONFIGMAP, {STATE_KEY: begun.to_json()})
 
     async def scenario() -> None:
         stuck = ReplicaRegistry(
             kube.factory("gw-b"), NS, CONFIGMAP, "gw-b", lease_duration=2, renew_interval=0.3
         )
         gateway = coordinator(kube, "gw-a", desired, Pods())
-        async with running(gateway), reporting_as_gateway(api, gateway.registry):
-            await stuck.start()
-            try:
-                stuck.report(1, 0)
-                assert await eventually(lambda: at_generation(api, 1))
-                assert await eventually(
-                    lambda: api.get_object("leases", NS, f"{CONFIGMAP}-replica-gw-b") is not None
-                )
-                desired.set(after)
-                assert await eventually(lambda: at_generation(api, 3))
+        await stuck.start()
+        try:
+            stuck.report(1, 0)
+            assert await eventually(
+                lambda: api.get_object("leases", NS, f"{CONFIGMAP}-replica-gw-b") is not None
+            )
+            async with running(gateway), reporting_as_gateway(api, gateway.registry):
+                assert await eventually(lambda: at_generation(api, 3), timeout=10)
                 rolled_back = state_of(api)
                 assert rolled_back is not None and rolled_back.config == before
                 assert rolled_back.outcome == "rolled back: barrier not reached in time"
@@ -243,31 +252,31 @@ def test_a_replica_on_an_old_generation_holds_the_barrier_until_the_rollback_and
                     "waiting_for": ["replica:gw-b"],
                 }
                 retry_not_before = described["retry_not_before"]
-                assert isinstance(retry_not_before, float) and retry_not_before >= rolled_back.since + 3
+                assert isinstance(retry_not_before, float) and retry_not_before >= rolled_back.since + 4.5
 
-                # The same desired text is tried again, but not before retry_not_before ...
+                # The same desired text is tried again, not before retry_not_before; this time the
+                # leader saw the fence phase begin, so the silent deadline comes first: a commit.
                 assert await eventually(lambda: at_generation(api, 4), timeout=15)
                 retried = state_of(api)
                 assert retried is not None and retried.phase is Phase.FENCING and retried.next == after
                 assert retried.since >= retry_not_before, (retried.since, retry_not_before)
+                assert await eventually(lambda: at_generation(api, 5), timeout=15)
+                committed = state_of(api)
+                assert committed is not None and committed.config == after
+                assert committed.outcome is not None and committed.outcome.startswith("committed")
 
-                # ... and rolled back again; a different text, though, starts at once.
-                assert await eventually(lambda: at_generation(api, 5))
-                assert await eventually(knows(gateway, 5))
-                window = gateway.describe()["retry_not_before"]
-                assert isinstance(window, float)
+                # A different desired text starts a hand-off at once.
                 desired.set(other)
                 assert await eventually(lambda: at_generation(api, 6))
                 started = state_of(api)
                 assert started is not None and started.phase is Phase.FENCING and started.next == other
-                assert started.since < window, (started.since, window)
-            finally:
-                await stuck.stop()
+        finally:
+            await stuck.stop()
 
     run(scenario)
-    states = history.snapshot()
-    assert_linear(states[:6])
-    assert [s.phase for s in states[:6]] == [Phase.STABLE, Phase.FENCING] * 3
+    states = history.snapshot()  # (the history is watched from the fence phase put above)
+    assert [s.generation for s in states[:5]] == [2, 3, 4, 5, 6]
+    assert [s.phase for s in states[:5]] == [Phase.FENCING, Phase.STABLE] * 2 + [Phase.FENCING]
 
 
 def test_a_silent_pod_counts_as_stopped_after_two_leases_and_the_margin(
