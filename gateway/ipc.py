@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from gateway.config import ShardConfig
 from gateway.settings import Settings
-from gateway.topology import DiscoveredPod, Topology
+from gateway.topology import DiscoveredPod, Handoff, Topology, TopologyBuilder
 
 
 class _Message(BaseModel):
@@ -38,6 +38,9 @@ class TopologyUpdate(_Message):
     op: Literal["topology"] = "topology"
     config: ShardConfig
     pods: dict[str, list[DiscoveredPod]]
+    generation: int | None = None  # of the shard state the config comes from
+    incoming: ShardConfig | None = None  # while a hand-off is under way: the config handed to
+    every_key_moves: bool = False
 
     @classmethod
     def of(cls, topology: Topology) -> TopologyUpdate:
@@ -45,7 +48,20 @@ class TopologyUpdate(_Message):
             name: [DiscoveredPod(p.host, p.port, p.state, p.name) for p in group.pods]
             for name, group in topology.groups.items()
         }
-        return cls(config=topology.config, pods=pods)
+        handoff = topology.handoff
+        return cls(
+            config=topology.config,
+            pods=pods,
+            generation=topology.generation,
+            incoming=handoff.incoming.config if handoff is not None else None,
+            every_key_moves=handoff.every_key_moves if handoff is not None else False,
+        )
+
+    def handoff(self) -> Handoff | None:
+        """The hand-off under way, rebuilt (its ring is built here: call it off the loop)."""
+        if self.incoming is None or self.generation is None:
+            return None
+        return Handoff(self.generation, TopologyBuilder().build(self.incoming), self.every_key_moves)
 
 
 class Start(_Message):

@@ -13,6 +13,8 @@ its first message (``gateway.ipc.Start``); a worker reads no ``SHARDGATE_*`` var
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -58,6 +60,14 @@ def _pod_namespace(data: dict[str, Any]) -> str:
     return pod_namespace(data.get("service_account_dir") or SERVICE_ACCOUNT_DIR)
 
 
+def default_identity() -> str:
+    """This replica's name among the gateways (its replica Lease, the leader Lease's holder): the
+    pod's name in a cluster (stable across container restarts), else host name and process id."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class Settings(BaseSettings):
     """Everything a gateway process needs besides the shard config."""
 
@@ -72,6 +82,9 @@ class Settings(BaseSettings):
     # -- where the shard config comes from: exactly one of the two
     config_path: str | None = Field(default=None, validation_alias="SHARDGATE_CONFIG")
     configmap: str | None = Field(default=None, validate_default=True)
+    # -- hand-offs (docs/design/014-ownership-handoff.md)
+    identity: str = Field(default_factory=default_identity, min_length=1, max_length=63)
+    state_path: str | None = Field(default=None, validation_alias="SHARDGATE_STATE_FILE")  # --config only
     # -- processes
     listen: Address = ("0.0.0.0", 8080)
     admin_listen: Address = ("0.0.0.0", 9090)

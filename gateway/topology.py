@@ -190,6 +190,9 @@ class TopologyBuilder:
         config: ShardConfig,
         discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None,
         ring: ShardRing | None = None,
+        *,
+        generation: int | None = None,
+        handoff: Handoff | None = None,
     ) -> Topology:
         """Snapshot for ``config``; ``discovered`` gives pods of ``service:`` groups by group name.
 
@@ -251,6 +254,8 @@ class TopologyBuilder:
             reads=routing.reads,
             any_read=Decision(False, None, tuple(all_ready)),
             epoch_bytes=epoch.encode(),
+            generation=generation,
+            handoff=handoff,
         )
 
 

@@ -48,7 +48,7 @@ from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.plane import DataPlane
 from gateway.ring import ShardRing
 from gateway.settings import Settings, default_of
-from gateway.topology import Pod, Topology, TopologyBuilder, TopologyHolder
+from gateway.topology import Handoff, Pod, Topology, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.workers")
 
@@ -357,7 +357,8 @@ class TopologyUpdates:
         return self._building is not None
 
     def submit(self, update: TopologyUpdate) -> None:
-        if self._building is None and not self._builder.needs_ring(update.config):
+        quick = not self._builder.needs_ring(update.config) and update.incoming is None
+        if self._building is None and quick:
             self._swap(update, None)
             return
         self._waiting = update
@@ -366,7 +367,7 @@ class TopologyUpdates:
 
     def apply_now(self, update: TopologyUpdate) -> None:
         """Before the worker serves anything: build whatever it takes right here."""
-        self._swap(update, None)
+        self._swap(update, None, update.handoff())
 
     async def settled(self) -> None:
         """Return once every message submitted so far is applied."""
@@ -387,15 +388,22 @@ class TopologyUpdates:
                             continue  # superseded by a topology with another ring (or the old one)
                         update = newest
                 self._waiting = None
-                self._swap(update, ring)
+                # A hand-off's other config has a ring of its own, built off the loop too.
+                handoff = await asyncio.to_thread(update.handoff) if update.incoming is not None else None
+                if self._waiting is not None and self._waiting.incoming != update.incoming:
+                    continue  # superseded meanwhile by a message for another hand-off (or none)
+                self._swap(update, ring, handoff)
         except Exception:  # the snapshot in force stays; the next message may fare better
             log.exception("could not apply a topology")
             self._waiting = None
         finally:
             self._building = None
 
-    def _swap(self, update: TopologyUpdate, ring: ShardRing | None) -> None:
-        self._holder.swap(self._builder.build(update.config, update.pods, ring))
+    def _swap(self, update: TopologyUpdate, ring: ShardRing | None, handoff: Handoff | None = None) -> None:
+        topology = self._builder.build(
+            update.config, update.pods, ring, generation=update.generation, handoff=handoff
+        )
+        self._holder.swap(topology)
 
 
 class Worker:

@@ -30,8 +30,10 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from gateway.config import ConfigError, ShardConfig
 from gateway.discovery.source import ConfigApplier, ConfigStatus
+from gateway.fence import ConfigMapSource, StateFollower
 from gateway.observability.metrics import Metrics
 from gateway.settings import SERVICE_ACCOUNT_DIR
+from gateway.shardstate import View, state_configmap_name
 from gateway.topology import DiscoveredPod, PodState, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.discovery")
@@ -360,7 +362,12 @@ class KubernetesSource:
         timing: WatchTiming | None = None,
         coalesce: float = 0.1,
         sync_timeout: float = 5.0,
+        follow_state: bool = False,
+        on_desired: Callable[[], None] | None = None,
     ) -> None:
+        """``follow_state``: route on the shard state (ConfigMap ``NAME-state``, written by the
+        hand-off's leader) and hand the desired config (``NAME``), once validated, to
+        ``on_desired`` (``desired_text``); otherwise apply the desired config itself."""
         self.configmap = configmap
         self.namespace = namespace
         self._applier = ConfigApplier(f"configmap:{namespace}/{configmap}", builder, holder, metrics)
@@ -376,7 +383,20 @@ class KubernetesSource:
         self._slice_generation: object = None
         self._slices: dict[str, RawObject] = {}
         self._slices_synced = False
-        self._pending: ShardConfig | None = None  # valid, waiting for its Services' first list
+        self.desired_text: str | None = None  # the last valid desired config (state mode)
+        self._on_desired = on_desired
+        self._follower: StateFollower | None = None
+        self._follower_start: asyncio.Task[None] | None = None
+        self._state_source: ConfigMapSource | None = None
+        if follow_state:
+            source = ConfigMapSource(
+                state_configmap_name(configmap), namespace, api_factory, None, self._timing
+            )
+            self._state_source = source
+            self._follower = StateFollower(source, "gateway")
+            self._follower.subscribe(self._view_changed)
+        # valid, waiting for its Services' first list (with the shard state it comes from)
+        self._pending: tuple[ShardConfig, View | None] | None = None
         self._pending_deadline: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
 
@@ -388,8 +408,14 @@ class KubernetesSource:
     def rebuilds(self) -> int:
         return self._applier.swaps
 
+    @property
+    def follower(self) -> StateFollower | None:
+        return self._follower
+
     def watch_statuses(self) -> list[WatchStatus]:
-        return [w.status for w in (self._configmap_watcher, self._slice_watcher) if w is not None]
+        found = [w.status for w in (self._configmap_watcher, self._slice_watcher) if w is not None]
+        state = self._state_source.watch_status if self._state_source is not None else None
+        return [*found, state] if state is not None else found
 
     def describe(self) -> dict[str, object]:
         data = self.status.describe()
@@ -409,8 +435,14 @@ class KubernetesSource:
             self._timing,
         )
         self._configmap_watcher.start()
+        if self._follower is not None:
+            self._follower_start = self._loop.create_task(self._follower.start())
 
     async def stop(self) -> None:
+        if self._follower is not None:
+            if self._follower_start is not None:
+                await asyncio.gather(self._follower_start, return_exceptions=True)
+            await self._follower.stop()
         for watcher in (self._configmap_watcher, self._slice_watcher):
             if watcher is not None:
                 watcher.stop()
@@ -452,26 +484,45 @@ class KubernetesSource:
         config = applier.parse(text)
         if config is None:
             return
-        services = tuple(sorted({g.service for g in config.groups if g.service}))
+        if self._follower is not None:
+            # The leader hands it off (or commits it); what is applied is the shard state.
+            applier.accepted()
+            self.desired_text = text
+            if self._on_desired is not None:
+                self._on_desired()
+            return
+        self._put_in_force(config, None)
+
+    def _view_changed(self, view: View) -> None:
+        """A newer shard state: its config (the one handed off from, while fencing) goes in force."""
+        incoming = view.incoming.config if view.incoming is not None else None
+        self._put_in_force(view.current.config, view, incoming)
+
+    def _put_in_force(
+        self, config: ShardConfig, view: View | None, incoming: ShardConfig | None = None
+    ) -> None:
+        # While fencing, the groups handed to are watched too: their pods are known at the commit.
+        configs = (config, incoming) if incoming is not None else (config,)
+        services = tuple(sorted({g.service for c in configs for g in c.groups if g.service}))
         if services != self._slice_services:
             self._watch_slices(services)
         if self._slices_synced or not services:
-            self._apply(config)
+            self._apply(config, view)
         else:
             # Wait (briefly) for the new Services' pods, so a new group does not start empty
             # and refuse writes that it could serve a moment later.
-            self._pending = config
+            self._pending = (config, view)
             if self._pending_deadline is not None:
                 self._pending_deadline.cancel()
             assert self._loop is not None
             self._pending_deadline = self._loop.call_later(self._sync_timeout, self._apply_pending)
 
-    def _apply(self, config: ShardConfig) -> None:
+    def _apply(self, config: ShardConfig, view: View | None) -> None:
         self._pending = None
         if self._pending_deadline is not None:
             self._pending_deadline.cancel()
             self._pending_deadline = None
-        self._applier.apply_soon(config, lambda: pods_by_group(config, self._slices))
+        self._applier.apply_soon(config, lambda: pods_by_group(config, self._slices), view)
 
     def _apply_pending(self) -> None:
         self._pending_deadline = None
@@ -479,7 +530,7 @@ class KubernetesSource:
             log.warning(
                 "EndpointSlices not listed within %.1fs; applying the config anyway", self._sync_timeout
             )
-            self._apply(self._pending)
+            self._apply(*self._pending)
 
     # -- EndpointSlices --------------------------------------------------------------------------
 
@@ -512,7 +563,7 @@ class KubernetesSource:
         self._slices = items
         self._slices_synced = True
         if self._pending is not None:
-            self._apply(self._pending)
+            self._apply(*self._pending)
         elif self._rebuild_handle is None and self._loop is not None:
             # Coalesce: however many events arrive in this window, one rebuild follows.
             self._rebuild_handle = self._loop.call_later(self._coalesce, self._rebuild)

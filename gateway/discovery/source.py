@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from gateway.config import ConfigError, ShardConfig, parse_shard_config
 from gateway.observability.metrics import Metrics
 from gateway.ring import ShardRing
+from gateway.shardstate import View
 from gateway.topology import DiscoveredPod, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.config")
@@ -53,7 +54,10 @@ class ConfigApplier:
         self._holder = holder
         self._metrics = metrics
         self._digest: str | None = None
-        self._next: tuple[ShardConfig, PodsNow | None] | None = None
+        # The shard state's view whose config is in force, when the source follows a shard state
+        # (docs/design/014-ownership-handoff.md); None when it applies the desired config itself.
+        self.view: View | None = None
+        self._next: tuple[ShardConfig, PodsNow | None, View | None] | None = None
         self._applying: asyncio.Task[None] | None = None
         self.swaps = 0
         self.last_swap_seconds = 0.0  # time the last snapshot swap took on the event loop
@@ -77,36 +81,47 @@ class ConfigApplier:
         config: ShardConfig,
         discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None,
         ring: ShardRing | None = None,
+        view: View | None = None,
     ) -> None:
-        """Make ``config`` the one in force (a new epoch when it differs)."""
+        """Make ``config`` the one in force (a new epoch when it differs); ``view``: the shard
+        state it comes from (then the reload was counted when the desired config was accepted)."""
         self.config = config
+        self.view = view
         self.rebuild(discovered, ring)
+        if view is None:
+            self.accepted()
+
+    def accepted(self) -> None:
+        """A valid config arrived: counted as applied, the last rejection cleared. (With a shard
+        state, the hand-off then puts it in force.)"""
         self._metrics.reload("applied")
         self.status.loaded_at = time.time()
         self.status.last_error = None
         self.status.problems = []
         self.status.note = None
 
-    def apply_soon(self, config: ShardConfig, discovered: PodsNow | None = None) -> None:
+    def apply_soon(
+        self, config: ShardConfig, discovered: PodsNow | None = None, view: View | None = None
+    ) -> None:
         """``apply`` from the event loop without stalling it: a new ring is built in a thread.
 
         Configs are applied in the order given; one submitted while a ring is being built
         replaces any other still waiting (only the newest matters).
         """
-        self._next = (config, discovered)
+        self._next = (config, discovered, view)
         if self._applying is None or self._applying.done():
             self._applying = asyncio.get_running_loop().create_task(self._apply_queued())
 
     async def _apply_queued(self) -> None:
         while self._next is not None:
-            config, discovered = self._next
+            config, discovered, view = self._next
             self._next = None
             ring = None
             if self._builder.needs_ring(config):
                 ring = await asyncio.to_thread(ShardRing, config)
             if self._next is not None and self._next[0] is not config:
                 continue  # superseded while the ring was being built
-            self.apply(config, discovered() if discovered else None, ring)
+            self.apply(config, discovered() if discovered else None, ring, view)
 
     def rebuild(
         self, discovered: Mapping[str, Iterable[DiscoveredPod]] | None = None, ring: ShardRing | None = None
@@ -114,7 +129,15 @@ class ConfigApplier:
         """New snapshot of the config in force with the pods discovery knows now."""
         if self.config is not None:
             started = time.perf_counter()
-            self._holder.swap(self._builder.build(self.config, discovered, ring))
+            view = self.view
+            topology = self._builder.build(
+                self.config,
+                discovered,
+                ring,
+                generation=view.generation if view is not None else None,
+                handoff=view.handoff if view is not None else None,
+            )
+            self._holder.swap(topology)
             self.last_swap_seconds = time.perf_counter() - started
             self.swaps += 1
 

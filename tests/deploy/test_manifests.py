@@ -255,27 +255,58 @@ def test_the_gateway_reads_the_generated_configmap(rendered: Rendered) -> None:
 # --- RBAC ----------------------------------------------------------------------------------------
 
 
-def test_role_grants_only_what_the_code_watches(rendered: Rendered) -> None:
+# What the hand-off's coordinator writes (gateway/coordination/): the shard-state ConfigMap
+# (created, then replaced with compare-and-swap) and the Leases (the leader's, one per replica).
+COORDINATION_WRITES = {
+    ("", "configmaps"): {"create", "update"},
+    ("coordination.k8s.io", "leases"): {"create", "update", "delete"},
+}
+
+
+def coordination_resources() -> set[tuple[str, str]]:
+    from gateway.coordination import kube
+
+    found = set()
+    for path in (kube.CONFIGMAPS, kube.LEASES):
+        match = API_PATH_RE.match(path)
+        assert match, f"not a namespaced API path: {path}"
+        found.add((match["group"] or "", match["resource"]))
+    return found
+
+
+def test_role_grants_only_what_the_code_watches_and_writes(rendered: Rendered) -> None:
     watched = watched_resources()
     assert watched == {("", "configmaps"), ("discovery.k8s.io", "endpointslices")}
+    assert coordination_resources() == set(COORDINATION_WRITES)
+    configmap = gateway_env(rendered)["SHARDGATE_CONFIGMAP"]
     role = rendered.one("Role", GATEWAY, BASE)
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         assert "nonResourceURLs" not in rule
         verbs = set(rule["verbs"])
-        assert verbs <= READ_VERBS, f"verbs beyond read access: {sorted(verbs - READ_VERBS)}"
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 key = (group, resource)
-                assert key in watched, f"the gateway does not watch {resource!r} in group {group!r}"
+                writes = COORDINATION_WRITES.get(key, set())
+                assert key in watched | set(COORDINATION_WRITES), f"the gateway does not use {resource!r}"
+                assert verbs <= READ_VERBS | writes, (
+                    f"{key}: verbs beyond its use: {sorted(verbs - READ_VERBS - writes)}"
+                )
                 granted.setdefault(key, set()).update(verbs)
                 if resource == "configmaps" and "resourceNames" in rule:
-                    # list/watch limited by name only work with a metadata.name field selector.
-                    assert rule["resourceNames"] == [gateway_env(rendered)["SHARDGATE_CONFIGMAP"]]
+                    # list/watch limited by name only work with a metadata.name field selector; the
+                    # desired config is only read, the shard state is also written.
+                    names = rule["resourceNames"]
+                    assert names in ([configmap], [f"{configmap}-state"]), names
+                    assert names == [f"{configmap}-state"] or verbs <= READ_VERBS
                     source = (REPO_ROOT / "gateway" / "discovery" / "kubernetes.py").read_text()
                     assert '"field_selector": f"metadata.name=' in source
+                elif resource == "configmaps":
+                    assert verbs == {"create"}, "only create may be granted for configmaps without a name"
     for key in watched:
         assert {"list", "watch"} <= granted.get(key, set()), f"{key} needs list and watch"
+    for key, writes in COORDINATION_WRITES.items():
+        assert writes <= granted.get(key, set()), f"{key} needs {sorted(writes)}"
 
 
 def test_no_cluster_wide_rbac_and_the_binding_is_the_gateways(rendered: Rendered) -> None:

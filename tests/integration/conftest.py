@@ -64,8 +64,15 @@ def group_of(
     return GroupSpec(name, tuple(m if isinstance(m, str) else m.address for m in members), weight)
 
 
-def config_document(groups: Sequence[GroupSpec], *, reads: str = "any", vnodes: int = 160) -> dict[str, Any]:
-    return {
+def config_document(
+    groups: Sequence[GroupSpec],
+    *,
+    reads: str = "any",
+    vnodes: int = 160,
+    handoff: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``handoff``: the config's ``handoff:`` section (its defaults when None)."""
+    document: dict[str, Any] = {
         "version": 1,
         "routing": {
             "key_header": KEY_HEADER,
@@ -76,10 +83,21 @@ def config_document(groups: Sequence[GroupSpec], *, reads: str = "any", vnodes: 
         "ring": {"vnodes": vnodes},
         "groups": [{"name": g.name, "weight": g.weight, "endpoints": list(g.endpoints)} for g in groups],
     }
+    if handoff is not None:
+        document["handoff"] = dict(handoff)
+    return document
 
 
-def render_config(groups: Sequence[GroupSpec], *, reads: str = "any", vnodes: int = 160) -> str:
-    return yaml.safe_dump(config_document(groups, reads=reads, vnodes=vnodes), sort_keys=False)
+def render_config(
+    groups: Sequence[GroupSpec],
+    *,
+    reads: str = "any",
+    vnodes: int = 160,
+    handoff: Mapping[str, Any] | None = None,
+) -> str:
+    return yaml.safe_dump(
+        config_document(groups, reads=reads, vnodes=vnodes, handoff=handoff), sort_keys=False
+    )
 
 
 class Recipe:
@@ -337,9 +355,14 @@ class GatewayFactory:
         reads: str = "any",
         vnodes: int = 160,
         args: Sequence[str] = (),
+        handoff: Mapping[str, Any] | None = None,
     ) -> Gateway:
         """``args``: more ``shardgate run`` flags."""
-        text = config if isinstance(config, str) else render_config(config, reads=reads, vnodes=vnodes)
+        text = (
+            config
+            if isinstance(config, str)
+            else render_config(config, reads=reads, vnodes=vnodes, handoff=handoff)
+        )
         self._count += 1
         workdir = self.directory / f"gw{self._count}"
         workdir.mkdir(parents=True, exist_ok=True)

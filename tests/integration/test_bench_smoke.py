@@ -364,7 +364,11 @@ def _check_shardgate(name: str, entry: dict[str, Any], epoch: str) -> None:
         assert entry["build"]["build"] == "pure" and not entry["build"]["loaded_extensions"]
     source = entry["config_source"]
     assert source["source"] == "configmap:shards/shardgate-shards", source
-    assert source["watches"] == {"configmap/shardgate-shards": "watching", "endpointslices": "watching"}
+    assert source["watches"] == {
+        "configmap/shardgate-shards": "watching",
+        "configmap/shardgate-shards-state": "watching",
+        "endpointslices": "watching",
+    }
     assert source["epoch"] == epoch and source["pods"] == 6, source
 
 

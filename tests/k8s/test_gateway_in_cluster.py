@@ -35,6 +35,10 @@ from tests.k8s.conftest import (
 )
 from tests.k8s.pods import PodFarm
 
+# The gateway's watches: the desired-config ConfigMap, the shard-state ConfigMap (what it routes
+# on, docs/design/014-ownership-handoff.md) and the groups' EndpointSlices.
+WATCHES = 3
+
 
 def hosts_of(farm: PodFarm, *indexes: int) -> list[str]:
     return [farm.hosts[i] for i in indexes]
@@ -365,11 +369,11 @@ def test_dropped_watch_streams_reconnect_and_pick_up_later_changes(
 ) -> None:
     groups, members = three_groups(api, farm)
     gw = start_gateway()
-    assert api.wait_for_watches(2)
+    assert api.wait_for_watches(WATCHES)
     assert watch_totals(gw, "reconnects") == 0
     epoch = gw.epoch()
 
-    assert api.drop_watches() == 2
+    assert api.drop_watches() == WATCHES
     assert wait_for(lambda: all(w["reconnects"] >= 1 for w in gw.watches().values())), gw.watches()
     assert gw.metric("shardgate_discovery_reconnects_total") >= 2
     # Changes made after the drop arrive through the new watches.
@@ -389,17 +393,17 @@ def test_410_gone_relists_and_keeps_routing(
 ) -> None:
     groups, members = three_groups(api, farm)
     gw = start_gateway()
-    assert api.wait_for_watches(2)
+    assert api.wait_for_watches(WATCHES)
     # Changes the gateway's watches do not see (other names, other Services) move the version on;
     # compacting the history then makes both watches' resume points too old.
     api.put_configmap(NS, "unrelated", {"x": "1"})
     api.put_endpointslice(NS, "unrelated-abc", "svc-unrelated", [], [])
     api.compact()
     lists_before = api.count(verb="list")
-    assert api.drop_watches() == 2
+    assert api.drop_watches() == WATCHES
     assert wait_for(lambda: all(w["relists"] >= 1 for w in gw.watches().values())), gw.watches()
-    assert wait_for(lambda: api.count(verb="list") >= lists_before + 2)
-    assert gw.metric("shardgate_discovery_relists_total") >= 2
+    assert wait_for(lambda: api.count(verb="list") >= lists_before + WATCHES)
+    assert gw.metric("shardgate_discovery_relists_total") >= WATCHES
     # The re-listed state is in force and later changes still arrive.
     put_pods(api, farm, "svc-2", {farm.hosts[2]: {"ready": False}, farm.hosts[3]: {}})
     assert wait_for(lambda: gw.pod_states().get(addr(farm, 2)) == "not_ready"), gw.pod_states()
@@ -415,13 +419,13 @@ def test_api_server_outage_routing_continues_and_changes_arrive_after(
     groups, members = three_groups(api, farm)
     recipe = Recipe(groups)
     gw = start_gateway()
-    assert api.wait_for_watches(2)
+    assert api.wait_for_watches(WATCHES)
     epoch = gw.epoch()
     keys = [f"user-{n}" for n in range(24)]
     client = Client(gw.port)
     assert routes_follow(gw, client, recipe, members, keys)
     resources = set(gw.watches())
-    assert resources == {f"configmap/{CONFIGMAP}", "endpointslices"}
+    assert resources == {f"configmap/{CONFIGMAP}", f"configmap/{CONFIGMAP}-state", "endpointslices"}
     assert all(gw.metric("shardgate_discovery_watch_up", resource=r) == 1 for r in resources)
 
     with SteadyLoad(gw.port, keys) as load:
@@ -483,15 +487,15 @@ def test_injected_500s_are_retried_until_the_watches_recover(
 ) -> None:
     groups, members = three_groups(api, farm)
     gw = start_gateway()
-    assert api.wait_for_watches(2)
+    assert api.wait_for_watches(WATCHES)
     epoch = gw.epoch()
     requests_before = api.count()
-    api.fail_requests(3, 500)
-    assert api.drop_watches() == 2
-    # Two dropped streams plus three 500s: five failed attempts, each followed by a retry.
-    assert wait_for(lambda: watch_totals(gw, "reconnects") >= 5), gw.watches()
-    assert api.wait_for_watches(2)
-    assert api.count() >= requests_before + 3 + 2  # three refused, then two watches open again
+    api.fail_requests(3, 500, verb="watch")
+    assert api.drop_watches() == WATCHES
+    # Three dropped streams plus three 500s: six failed attempts, each followed by a retry.
+    assert wait_for(lambda: watch_totals(gw, "reconnects") >= WATCHES + 3), gw.watches()
+    assert api.wait_for_watches(WATCHES)
+    assert api.count() >= requests_before + 3 + WATCHES  # three refused, then the watches open again
     assert api.clear_failures() == 0  # all three were spent on the gateway's retries
     put_pods(api, farm, "svc-3", hosts_of(farm, 4, 5, 7))
     members["g3"].add(addr(farm, 7))

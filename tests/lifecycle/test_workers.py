@@ -234,7 +234,7 @@ def test_a_starting_worker_takes_no_request_before_it_has_a_topology(
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.timeout(60)
-def test_a_data_port_held_by_another_program_fails_the_start(workers: str) -> None:
+def test_a_data_port_held_by_another_program_fails_the_start(workers: str, tmp_path: Path) -> None:
     """Exit 1 with the reason, rather than workers failing to bind over and over."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -249,7 +249,8 @@ def test_a_data_port_held_by_another_program_fails_the_start(workers: str) -> No
                 "--workers", workers,
             ],
             cwd=REPO_ROOT,
-            env={**os.environ, "SHARDGATE_DRAIN_DELAY": "0"},
+            # (the shard state file is written, so not beside the repository's config)
+            env={**os.environ, "SHARDGATE_DRAIN_DELAY": "0", "SHARDGATE_STATE_FILE": str(tmp_path / "state")},
             capture_output=True,
             text=True,
             timeout=30,
