@@ -3,8 +3,10 @@
 Each demo pod is a small real aiohttp service. Its group's "database shard" is the SQLite file
 ``<data dir>/<group>.sqlite3``, shared by the group's two pods (WAL mode). ``POST /orders``
 stores the JSON body for the request's user in the pod's own group file; ``GET /orders`` reads
-every group's file, as a read replica would, so any pod can serve it. A write that arrives with
-an ``X-Shard-Group`` naming another group is refused with 421 (the backend-side ownership check).
+every group's file, as a read replica would, so any pod can serve it. Each pod runs the backend
+fence (``gateway.fence``) on the demo's shard state file, so it refuses, before the handler runs,
+a write its group does not own in the shard state (421); and a write that arrives with an
+``X-Shard-Group`` naming another group is refused with 421 too (a check on the gateway's word).
 
 Everything runs in one process and one uvloop event loop: the pods, then the gateway, until
 SIGINT or SIGTERM.
@@ -28,6 +30,8 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from gateway.fence import Fence
+
 GROUPS: tuple[str, ...] = ("group-1", "group-2", "group-3")
 PODS_PER_GROUP = 2
 DEMO_HOST = "127.0.0.1"
@@ -35,6 +39,7 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
 KEY_HEADER = "User-ID"
 VNODES = 160
+FENCE_POLL = 0.2  # the pods' fences read the demo's shard state file this often (seconds)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS orders ("
@@ -167,10 +172,14 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "group": request.app[GROUP_KEY], "pod": request.app[POD_KEY]})
 
 
-def make_pod_app(group: str, pod: str, data_dir: Path) -> web.Application:
-    """One demo pod of ``group``; its shard is ``data_dir/<group>.sqlite3`` (created here)."""
+def make_pod_app(group: str, pod: str, data_dir: Path, fence: Fence | None = None) -> web.Application:
+    """One demo pod of ``group``; its shard is ``data_dir/<group>.sqlite3`` (created here).
+    ``fence``: the backend fence it runs (``gateway.fence``), checking every write against the
+    shard state before the handler runs."""
     init_shard(shard_path(data_dir, group))
     app = web.Application()
+    if fence is not None:
+        fence.install(app)
     app[GROUP_KEY] = group
     app[POD_KEY] = pod
     app[DATA_DIR_KEY] = data_dir
@@ -306,16 +315,19 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
         data_dir = Path(tmp)
         try:
             pods: dict[str, list[tuple[str, tuple[str, int]]]] = {}
+            cfg_path = data_dir / "shards.yaml"
+            fences: list[Fence] = []
             for group in GROUPS:
                 pods[group] = []
                 for pod in _pod_names(group):
-                    runner, address = await start_app(make_pod_app(group, pod, data_dir))
+                    fence = Fence.from_file(str(cfg_path), group, poll_interval=FENCE_POLL, pod=pod)
+                    fences.append(fence)
+                    runner, address = await start_app(make_pod_app(group, pod, data_dir, fence))
                     runners.append(runner)
                     pods[group].append((pod, address))
             endpoints = {
                 group: [f"{host}:{port}" for _, (host, port) in members] for group, members in pods.items()
             }
-            cfg_path = data_dir / "shards.yaml"
             cfg_path.write_text(_config_yaml(endpoints))
 
             listen = listen or DEFAULT_LISTEN
@@ -346,6 +358,9 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
                     await asyncio.wait_for(gateway.stop(), timeout=5.0)
                 return 1
             try:
+                # The gateway wrote the first shard state as it started: the pods' fences accept
+                # writes once they have read it.
+                await _fences_confirmed(fences)
                 bound, admin_bound = gateway.listen_address, gateway.admin_address
                 assert bound is not None and admin_bound is not None  # set by a successful start()
                 text = banner(
@@ -366,6 +381,12 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
     return 0
+
+
+async def _fences_confirmed(fences: list[Fence], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(fence.confirmed() for fence in fences) and time.monotonic() < deadline:
+        await asyncio.sleep(FENCE_POLL / 2)  # polling the fences' own state: no event to wait on
 
 
 def main(listen: str | None = None, admin_listen: str | None = None) -> int:

@@ -347,6 +347,18 @@ class GatewayCollector(Collector):
         )
         yield GaugeMetricFamily("shardgate_ring_groups", "Groups on the ring.", value=len(topology.groups))
         yield GaugeMetricFamily("shardgate_ring_points", "Points on the ring.", value=topology.ring.points)
+        if topology.generation is not None:
+            yield GaugeMetricFamily(
+                "shardgate_shard_state_generation",
+                "Generation of the shard state this replica routes on.",
+                value=topology.generation,
+            )
+        yield GaugeMetricFamily(
+            "shardgate_handoff_fencing",
+            "1 while the shard state this replica routes on is a hand-off's fence phase (writes for"
+            " moving keys refused), else 0.",
+            value=int(topology.handoff is not None),
+        )
 
     def _pods(self) -> Iterator[Any]:
         topology = self._topology()

@@ -316,6 +316,21 @@ def test_demo_printed_curl_lines_work(demo: tuple[Demo, str, str]) -> None:
     assert result.json()["group"] == contract_owner("alice")
     written["alice"].append(result.json()["order_id"])
 
+    # The pods run the backend fence: a write sent straight to a pod of another group (no
+    # gateway, no X-Shard-Group) is refused before the handler runs, with the owner named.
+    pod_urls = {
+        line.strip().split(":", 1)[0]: re.findall(r"http://[0-9.]+:[0-9]+", line)
+        for line in output
+        if line.strip().split(":", 1)[0] in GROUPS
+    }
+    direct = next(line for line in writes if _key_of(line) == "alice").replace(
+        f"http://{listen}/orders", f"{pod_urls[spoofed][0]}/orders"
+    )
+    result = run_curl(direct)
+    assert result.status == 421, result
+    assert result.headers.get("x-shard-fence") == "misdirected_write", result
+    assert (result.json()["error"], result.json()["owner"]) == ("misdirected_write", contract_owner("alice"))
+
     # Strict ownership, seen from the shards themselves: each write sits in its owner's file only.
     for key, order_ids in written.items():
         owner = contract_owner(key)
