@@ -169,7 +169,7 @@ def lease_margin(lease: float) -> float:
 
 
 class HandoffConfig(_Strict):
-    """How a config change that moves keys is carried out (docs/handoff.md)."""
+    """How a config change that moves keys is carried out (docs/design/014-ownership-handoff.md)."""
 
     # fenced: drop-before-add with a barrier; immediate: switch at once (no guarantee across
     # replicas: for comparison and for fleets whose backends have no fence).

@@ -132,16 +132,41 @@ def default_routing() -> Topology:
     return TopologyBuilder().build(ShardConfig(version=1, groups=(placeholder,)))
 
 
-def decide(view: View | None, group: str, confirmed: bool, method: bytes, headers: HeaderValues) -> Verdict:
-    """What the fence does with one request, under ``view`` (None before the first one)."""
-    routing = view.routing_topology if view is not None else default_routing()
+# Before its first view the fence cannot know the config's write methods or operation header:
+# only these methods, with no default operation header saying "write", are let through as reads.
+SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+
+
+def _writes_under(routing: Topology, method: bytes, headers: HeaderValues) -> bool:
+    """Whether ``routing``'s rules make the request a write (the gateway's ``is_write``)."""
     operation_header = routing.operation_header
     operations = headers(operation_header) if operation_header is not None else []
-    if not is_write(routing, method, operations[-1] if operations else None):
+    return is_write(routing, method, operations[-1] if operations else None)
+
+
+def decide(view: View | None, group: str, confirmed: bool, method: bytes, headers: HeaderValues) -> Verdict:
+    """What the fence does with one request, under ``view`` (None before the first one)."""
+    unconfirmed = Refuse(
+        503,
+        UNCONFIRMED,
+        "the fence could not confirm its view of the shard state within its lease",
+        retry_after=True,
+    )
+    if view is None:
+        safe = method in SAFE_METHODS and not _writes_under(default_routing(), method, headers)
+        return None if safe else unconfirmed
+    routing = view.routing_topology
+    write = _writes_under(routing, method, headers)
+    if not write and view.every_key_moves and view.incoming is not None:
+        # The config handed to reads writes differently: a write under its rules is moving too.
+        if _writes_under(view.incoming, method, headers):
+            return Refuse(
+                421, "shard_moving", "the hand-off under way changes which requests are writes", group, True
+            )
+    if not write:
         return None
-    if view is None or not confirmed:
-        detail = "the fence could not confirm its view of the shard state within its lease"
-        return Refuse(503, UNCONFIRMED, detail, retry_after=True)
+    if not confirmed:
+        return unconfirmed
     keys = headers(routing.key_header)
     if len(keys) > 1:
         return _refusal(REPEATED_KEY)

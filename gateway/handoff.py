@@ -38,8 +38,19 @@ def losing_groups(old: ShardConfig, new: ShardConfig) -> frozenset[str]:
 
 
 def view_lease(view: View) -> float:
-    """The lease a party holding ``view`` uses (``View.lease``)."""
-    return view.lease
+    """The lease a barrier on ``view`` assumes for a silent party (``View.barrier_lease``)."""
+    return view.barrier_lease
+
+
+def _leases(state: ShardState) -> list[float]:
+    texts = [state.config] + ([state.next] if state.next is not None else [])
+    return [parse_shard_config(text).handoff.fence_lease_seconds for text in texts]
+
+
+def lease_floor_after(state: ShardState) -> float:
+    """The ``lease_floor`` of a state written after ``state``: no lease it or any state before
+    it used may be forgotten (a party may hold any of their views)."""
+    return max([state.lease_floor, *_leases(state)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,15 +166,21 @@ def next_state(
         return _stable(state, desired.text, now, leader, "committed (no key moves)")
     if retry_not_before is not None and now < retry_not_before:
         return None
+    floor = lease_floor_after(state)
+    # The barrier may have to wait out a silent party under the longest lease in play: the
+    # deadline leaves it the time to (2 leases and the margin), whatever the timeout says.
+    longest = max(floor, config.handoff.fence_lease_seconds)
+    timeout = max(config.handoff.barrier_timeout_seconds, 2 * longest + lease_margin(longest) + 10)
     return ShardState(
         generation=state.generation + 1,
         phase=Phase.FENCING,
         config=state.config,
         next=desired.text,
         since=now,
-        deadline=now + config.handoff.barrier_timeout_seconds,
+        deadline=now + timeout,
         leader=leader,
         outcome=state.outcome,
+        lease_floor=floor,
     )
 
 
@@ -190,6 +207,7 @@ def _stable(state: ShardState, text: str, now: float, leader: str, outcome: str)
         since=now,
         leader=leader,
         outcome=outcome,
+        lease_floor=lease_floor_after(state),
     )
 
 

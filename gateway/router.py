@@ -125,6 +125,15 @@ def decide(
     if topology is None:
         return NOT_READY
     write = is_write(topology, method, operation)
+    handoff = topology.handoff
+    if (
+        not write
+        and handoff is not None
+        and handoff.every_key_moves
+        and is_write(handoff.incoming, method, operation)
+    ):
+        # The config handed to makes this a write: while the hand-off lasts nobody may take it.
+        return shard_moving("the config in force", "the config handed to")
     owner: GroupView | None = None
     if raw_key is not None:
         found = owner_group(topology, raw_key)

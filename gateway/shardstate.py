@@ -1,8 +1,8 @@
 """The shard state: which shard config is in force, in which phase, at which generation.
 
 Operators edit the desired config (``shards.yaml``); the state is what the fleet has agreed to
-act on, written only by the replica that drives hand-offs (docs/handoff.md). It lives beside
-the desired config: a ConfigMap ``NAME-state`` (key ``state.json``) next to the ConfigMap
+act on, written only by the replica that drives hand-offs (docs/design/014-ownership-handoff.md).
+It lives beside the desired config: a ConfigMap ``NAME-state`` (key ``state.json``) next to the ConfigMap
 ``NAME``, or a file ``PATH.state`` next to the file ``PATH``. Gateways route on it and the
 backends' fences (``gateway.fence``) check writes against it.
 
@@ -65,6 +65,10 @@ class ShardState(BaseModel):
     deadline: float | None = None  # while fencing: when the barrier gives up (leader's clock)
     leader: str | None = None  # the replica that wrote this state
     outcome: str | None = None  # how the state before it ended: "committed", "rolled back: ..."
+    # The longest fence lease of any state before this one: a party may still act on a view of
+    # such a state that long after its last confirmation, so a barrier waits for it (a lease
+    # lowered by a direct commit would otherwise let it run out "early").
+    lease_floor: Annotated[float, Field(ge=0)] = 0.0
 
     @model_validator(mode="after")
     def _phase_fields(self) -> ShardState:
@@ -171,6 +175,12 @@ class View:
         if self.incoming is not None:
             leases.append(self.incoming.config.handoff.fence_lease_seconds)
         return max(leases)
+
+    @property
+    def barrier_lease(self) -> float:
+        """The lease a barrier on this view must assume for a silent party: its own, or a longer
+        one some party may still hold a view under."""
+        return max(self.lease, self.state.lease_floor)
 
     @property
     def routing_topology(self) -> Topology:

@@ -70,7 +70,14 @@ def _facts_of(state: ShardState) -> _Facts:
     losing = losing_groups(old, new)
     listed = {g.name: g.endpoints for g in old.groups if g.name in losing and g.endpoints}
     return _Facts(
-        state.generation, view.epoch, view.next_epoch, moved_share(old, new), view, losing, view.lease, listed
+        state.generation,
+        view.epoch,
+        view.next_epoch,
+        moved_share(old, new),
+        view,
+        losing,
+        view.barrier_lease,
+        listed,
     )
 
 
@@ -351,7 +358,10 @@ class Coordinator:
             replicas: dict[str, Report] = await self.registry.replicas() if self.registry is not None else {}
         finally:
             answers = await probes
-        participants = participants_of(facts.view, pods, replicas)
+        # A losing group whose pods nobody knows (its Service not listed yet) may still have pods
+        # that accept its keys: it stands in the barrier as a participant that never answers, so
+        # the commit waits for the silent deadline.
+        participants = participants_of(facts.view, pods, replicas) | {f"group:{g}" for g in unknown}
         if not self._announced:
             self._announced = True
             log.info(

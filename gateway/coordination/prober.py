@@ -50,9 +50,11 @@ def fence_report(status: int, headers: Any, body: bytes) -> Probe:
         if not (generation is None or _count(generation)) or not _count(moving):
             return None  # a fence's answer we cannot read: as good as none
         return Report(generation, moving)
-    if status >= 500 or status in (408, 429) or headers.get(FENCE_HEADER) is not None:
-        return None  # overloaded or failing (or a fence refusing): no answer, not "no fence"
-    return UNFENCED
+    if (200 <= status < 300 or status in (404, 405)) and headers.get(FENCE_HEADER) is None:
+        return UNFENCED  # the application itself answers the path: no fence runs in front of it
+    # Failing, overloaded, redirected, or an auth wall in the way (a fence may run behind it): no
+    # answer, not "no fence"; the barrier waits for it as for a silent pod.
+    return None
 
 
 def _count(value: object) -> TypeGuard[int]:

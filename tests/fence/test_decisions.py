@@ -249,3 +249,25 @@ def test_the_fence_names_the_gateways_owner_and_the_recipes(weights: dict[str, i
         assert (verdict == Accept(raw)) == (fence_owner == OWN)
         owned += fence_owner == OWN
     assert 0 < owned < len(keys)
+
+
+def test_before_its_first_view_the_fence_passes_only_safe_methods() -> None:
+    # The config's write methods are unknown yet: a custom one must not pass as a read.
+    for method in ("POST", "PUT", "PATCH", "DELETE", "MERGE", "PROPPATCH"):
+        assert refused(judge(None, method, {KEY_HEADER: "u"})).code == "shard_state_unconfirmed", method
+    for method in ("GET", "HEAD", "OPTIONS", "TRACE"):
+        assert judge(None, method, {KEY_HEADER: "u"}) is None, method
+    assert refused(judge(None, "GET", {"Operation-Type": "write"})).code == "shard_state_unconfirmed"
+
+
+def test_while_the_write_methods_change_a_write_under_either_config_is_moving() -> None:
+    view = View.of(
+        fencing(2, config_text(write_methods=["POST"]), config_text(write_methods=["POST", "PATCH"]))
+    )
+    assert view.every_key_moves
+    key = key_of(OWN)
+    # PATCH is a read under the config in force, a write under the next one: nobody takes it.
+    verdict = refused(judge(view, "PATCH", {KEY_HEADER: key}))
+    assert (verdict.status, verdict.code, verdict.retry_after) == (421, "shard_moving", True)
+    assert refused(judge(view, "POST", {KEY_HEADER: key})).code == "shard_moving"
+    assert judge(view, "GET", {KEY_HEADER: key}) is None

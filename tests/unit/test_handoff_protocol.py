@@ -40,11 +40,11 @@ POD_NAMES = tuple(f"{g}-{i}" for g, i in PODS)
 KEYS = tuple(f"user-{i}".encode() for i in range(8))
 
 
-def config_text(groups: dict[str, int], mode: str = "fenced") -> str:
+def config_text(groups: dict[str, int], mode: str = "fenced", lease: float = LEASE) -> str:
     lines = [
         "version: 1",
         "ring: {vnodes: 40}",
-        f"handoff: {{mode: {mode}, fence_lease_seconds: {LEASE}, barrier_timeout_seconds: {3 * LEASE}}}",
+        f"handoff: {{mode: {mode}, fence_lease_seconds: {lease}, barrier_timeout_seconds: {3 * LEASE}}}",
         "groups:",
     ]
     lines += [
@@ -105,7 +105,7 @@ class PodModel:
         """The fence's rule: a confirmed view (lease not run out) in which this group owns the key
         and the key is not moving."""
         view = self.view
-        if view is None or self.confirmed_at is None or now - self.confirmed_at > view_lease(view):
+        if view is None or self.confirmed_at is None or now - self.confirmed_at > view.lease:
             return False
         return view.write_owner(key) == self.group
 
@@ -148,9 +148,10 @@ class HandoffProtocol(RuleBasedStateMachine):
 
     # -- the operator ----------------------------------------------------------------------
 
-    @rule(layout=st.sampled_from(LAYOUTS))
-    def edit_desired_config(self, layout: dict[str, int]) -> None:
-        self.desired = Desired.of(config_text(layout, self.mode))
+    @rule(layout=st.sampled_from(LAYOUTS), lease=st.sampled_from([LEASE, LEASE, 2.0]))
+    def edit_desired_config(self, layout: dict[str, int], lease: float) -> None:
+        """A new layout; sometimes a shorter lease too (lowered by a commit that moves no key)."""
+        self.desired = Desired.of(config_text(layout, self.mode, lease))
 
     # -- the leaders -----------------------------------------------------------------------
 

@@ -483,3 +483,10 @@ def test_a_routing_change_moves_every_key() -> None:
         verdict = decide(fencing, b"PUT", f"user-{i}".encode(), None)
         assert isinstance(verdict, Refusal) and verdict.code == "shard_moving"
     assert isinstance(decide(fencing, b"GET", b"user-1", None), Decision)
+
+
+def test_a_request_that_the_next_config_makes_a_write_is_refused_while_the_rules_change() -> None:
+    fencing, _ = handoff_topology(GROUPS, write_methods=["DELETE", "MERGE", "PATCH", "POST", "PUT"])
+    verdict = decide(fencing, b"MERGE", b"user-1", None)  # a read under the config in force
+    assert isinstance(verdict, Refusal) and (verdict.status, verdict.code) == (503, "shard_moving")
+    assert isinstance(decide(fencing, b"GET", b"user-1", None), Decision)
