@@ -249,7 +249,7 @@ def test_a_leader_that_takes_over_a_late_fence_phase_rolls_it_back_and_retries_a
                 assert described["last_rollback"] == {
                     "generation": 3,
                     "reason": "rolled back: barrier not reached in time",
-                    "waiting_for": ["replica:gw-b"],
+                    "waiting_for": ["group:g3", "replica:gw-b"],  # (g3's pods: none known)
                 }
                 retry_not_before = described["retry_not_before"]
                 assert isinstance(retry_not_before, float) and retry_not_before >= rolled_back.since + 4.5
