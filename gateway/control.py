@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,13 @@ from gateway.discovery.static import StaticFileSource
 from gateway.observability.metrics import Metrics
 from gateway.settings import Settings
 from gateway.shardstate import state_file_path
+from gateway.tasks import log_if_it_fails
 from gateway.topology import Topology, TopologyBuilder, TopologyHolder
 
 if TYPE_CHECKING:  # the kubernetes client costs ~36 MB of memory: imported only when used
     from gateway.discovery.kubernetes import KubernetesSource, WatchStatus
+
+log = logging.getLogger("shardgate.control")
 
 CONFIG_POLL_INTERVAL = 1.0  # how often a config file is checked for changes (seconds)
 
@@ -107,7 +111,8 @@ class ControlPlane:
 
     def start(self) -> None:
         self.source.start()
-        self._coordinator_start = asyncio.get_running_loop().create_task(self.coordinator.start())
+        started = asyncio.get_running_loop().create_task(self.coordinator.start())
+        self._coordinator_start = log_if_it_fails(started, "starting the hand-off coordinator", log)
 
     async def stop(self) -> None:
         if self._coordinator_start is not None:

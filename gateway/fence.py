@@ -55,7 +55,7 @@ from gateway.shardstate import (
     state_configmap_name,
     state_file_path,
 )
-from gateway.tasks import cancel_and_wait, sleep_or_wake
+from gateway.tasks import cancel_and_wait, log_if_it_fails, sleep_or_wake
 from gateway.topology import Topology, TopologyBuilder
 
 if TYPE_CHECKING:
@@ -483,7 +483,8 @@ class StateFollower:
         except BaseException:
             self._started = False
             raise
-        self._loop_task = asyncio.create_task(self._confirm_loop(), name=f"{self.label} state")
+        loop_task = asyncio.create_task(self._confirm_loop(), name=f"{self.label} state")
+        self._loop_task = log_if_it_fails(loop_task, f"{self.label}: following the shard state", log)
 
     async def stop(self) -> None:
         """Stop reading (idempotent); the view held stays, and its lease runs out."""

@@ -5,6 +5,7 @@ that arrives just as the awaited thing completes (fixed in 3.12), and a backgrou
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 
@@ -26,3 +27,15 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         await asyncio.wait({task}, timeout=1.0)
     if not task.cancelled():
         task.exception()  # retrieved: an ending error was logged by the task itself
+
+
+def log_if_it_fails(task: asyncio.Task[Any], what: str, logger: logging.Logger) -> asyncio.Task[Any]:
+    """Log ``task``'s exception the moment it ends with one (a start-up task nobody awaits until
+    the process stops would otherwise fail in silence)."""
+
+    def report(done: asyncio.Task[Any]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            logger.error("%s failed: %s", what, exc, exc_info=exc)
+
+    task.add_done_callback(report)
+    return task

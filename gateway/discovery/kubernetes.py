@@ -34,6 +34,7 @@ from gateway.fence import ConfigMapSource, StateFollower
 from gateway.observability.metrics import Metrics
 from gateway.settings import SERVICE_ACCOUNT_DIR
 from gateway.shardstate import View, state_configmap_name
+from gateway.tasks import log_if_it_fails
 from gateway.topology import DiscoveredPod, PodState, TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.discovery")
@@ -436,7 +437,8 @@ class KubernetesSource:
         )
         self._configmap_watcher.start()
         if self._follower is not None:
-            self._follower_start = self._loop.create_task(self._follower.start())
+            started = self._loop.create_task(self._follower.start())
+            self._follower_start = log_if_it_fails(started, "following the shard state", log)
 
     async def stop(self) -> None:
         if self._follower is not None:

@@ -15,6 +15,7 @@ from gateway.fence import FileSource, StateFollower
 from gateway.handoff import Desired, initial_state
 from gateway.observability.metrics import Metrics
 from gateway.shardstate import StateError, View
+from gateway.tasks import log_if_it_fails
 from gateway.topology import TopologyBuilder, TopologyHolder
 
 log = logging.getLogger("shardgate.config")
@@ -89,7 +90,8 @@ class StaticFileSource:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._watch())
         if self._follower is not None:
-            self._follower_task = loop.create_task(self._follower.start())
+            started = loop.create_task(self._follower.start())
+            self._follower_task = log_if_it_fails(started, "following the shard state", log)
 
     def _view_changed(self, view: View) -> None:
         self._applier.apply_soon(view.current.config, None, view)
