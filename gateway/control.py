@@ -56,6 +56,7 @@ class ControlPlane:
                 lambda: files.desired_text,
                 self.pods_of,
                 state_path=state_path,
+                on_handoff=self.metrics.handoff_ended,
             )
         else:
             from gateway.discovery.kubernetes import KubernetesSource, WatchTiming, load_api_client
@@ -84,6 +85,7 @@ class ControlPlane:
                 settings.identity,
                 lambda: kube.desired_text,
                 self.pods_of,
+                on_handoff=self.metrics.handoff_ended,
             )
         self.holder.subscribe(self._report_generation)
 

@@ -99,8 +99,12 @@ class Coordinator:
         interval: float = 0.25,
         stable_interval: float = 1.0,
         backoff_max: float = 5.0,
+        on_handoff: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``on_handoff(outcome, seconds)``: a hand-off this replica ended ("committed" or
+        "rolled_back", and how long its fence phase lasted), for the metrics."""
         self.identity = identity
+        self._on_handoff = on_handoff
         self.store = store
         self.election = election
         self.registry = registry  # the gateway reports what it holds here (``report``)
@@ -303,6 +307,9 @@ class Coordinator:
             )
             return
         outcome = state.outcome or ""
+        if previous.phase is Phase.FENCING and self._on_handoff is not None and state.leader == self.identity:
+            ended = "rolled_back" if state.config == previous.config else "committed"
+            self._on_handoff(ended, max(0.0, state.since - previous.since))
         if previous.phase is Phase.FENCING and state.config == previous.config:
             waited = list(self._waiting_for)
             self._last_rollback = {"generation": state.generation, "reason": outcome, "waiting_for": waited}

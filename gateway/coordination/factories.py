@@ -42,6 +42,7 @@ def kubernetes_coordinator(
     identity: str,
     desired: Callable[[], str | None],
     pods_of: Callable[[str], Iterable[str]],
+    on_handoff: Callable[[str, float], None] | None = None,
     **timing: float,
 ) -> Coordinator:
     """The coordinator of a gateway on the ConfigMap ``configmap``: the state ConfigMap, the
@@ -75,6 +76,7 @@ def kubernetes_coordinator(
         interval=times.interval,
         stable_interval=times.stable_interval,
         backoff_max=times.backoff_max,
+        on_handoff=on_handoff,
     )
 
 
@@ -84,6 +86,7 @@ def file_coordinator(
     desired: Callable[[], str | None],
     pods_of: Callable[[str], Iterable[str]],
     state_path: str | None = None,
+    on_handoff: Callable[[str, float], None] | None = None,
     **timing: float,
 ) -> Coordinator:
     """The coordinator of a gateway on the file ``config_path``: the state file beside it (or
@@ -100,4 +103,5 @@ def file_coordinator(
         interval=times.interval,
         stable_interval=times.stable_interval,
         backoff_max=times.backoff_max,
+        on_handoff=on_handoff,
     )

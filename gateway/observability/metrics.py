@@ -122,6 +122,8 @@ class Metrics:
         # Control plane: owned by whichever process runs the config source.
         self.reloads: dict[str, int] = {"applied": 0, "rejected": 0, "unchanged": 0, "missing": 0}
         self.last_reload_success: float | None = None
+        self.handoffs: dict[str, int] = {"committed": 0, "rolled_back": 0}  # ended as the leader
+        self.handoff_seconds = 0.0  # their fence phases' durations, summed
         self.topology_swaps = 0
         self.worker_restarts = 0
         self.workers_ready: int | None = None  # set by the supervisor of --workers N
@@ -152,6 +154,11 @@ class Metrics:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     # -- control plane ------------------------------------------------------------------------
+
+    def handoff_ended(self, outcome: str, seconds: float) -> None:
+        """A hand-off this replica ended as the leader ("committed" or "rolled_back")."""
+        self.handoffs[outcome] = self.handoffs.get(outcome, 0) + 1
+        self.handoff_seconds += seconds
 
     def reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
@@ -338,6 +345,20 @@ class GatewayCollector(Collector):
             )
         yield CounterMetricFamily(
             "shardgate_topology_swaps", "Topology snapshots swapped in.", value=m.topology_swaps
+        )
+        handoffs = CounterMetricFamily(
+            "shardgate_handoffs",
+            "Hand-offs this replica ended as the leader, by outcome (committed, rolled_back).",
+            labels=["outcome"],
+        )
+        for outcome, value in sorted(m.handoffs.items()):
+            handoffs.add_metric([outcome], value)
+        yield handoffs
+        yield CounterMetricFamily(
+            "shardgate_handoff_fence_seconds",
+            "Seconds the fence phases of those hand-offs lasted, summed (divided by"
+            " shardgate_handoffs_total: their mean duration).",
+            value=m.handoff_seconds,
         )
         topology = self._topology()
         if topology is None:

@@ -155,6 +155,11 @@ def test_a_hand_off_fences_the_moving_keys_waits_for_their_writes_then_switches(
     assert (committed.generation, committed.phase) == (3, Phase.STABLE)
     assert committed.outcome is not None and committed.outcome.startswith("committed")
     assert handoff(gw)["barrier_held_by"] == "reports"
+    assert gw.metric("shardgate_handoffs_total", outcome="committed") == 1
+    assert gw.metric("shardgate_handoffs_total", outcome="rolled_back") == 0
+    assert gw.metric("shardgate_handoff_fence_seconds_total") > 0  # the barrier waited for a write
+    assert gw.metric("shardgate_handoff_fencing") == 0
+    assert gw.metric("shardgate_shard_state_generation") == 3
 
     # After the switch every key goes to its new owner, whose fence accepts it.
     for key in [*moving[:10], *staying[:10]]:
