@@ -11,13 +11,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
+import inspect
 import os
 import shutil
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -263,3 +264,22 @@ def env_with_tools(*paths: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ, **extra)
     env["PATH"] = os.pathsep.join([*dirs, env.get("PATH", os.defpath)])
     return env
+
+
+async def poll_until(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float, interval: float = 0.02
+) -> bool:
+    """Poll ``check`` (a coroutine function or a plain one) on the running loop until it is true
+    or ``timeout`` seconds passed; its last result."""
+
+    async def result() -> bool:
+        value = check()
+        return bool(await value) if inspect.isawaitable(value) else bool(value)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if await result():
+            return True
+        if time.monotonic() >= deadline:
+            return await result()
+        await asyncio.sleep(interval)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.coordination.coordinator import Coordinator
-from gateway.coordination.election import LeaderElection, SoleLeader
+from gateway.coordination.election import Election, LeaderElection, SoleLeader
 from gateway.coordination.prober import PodProber
 from gateway.coordination.registry import ReplicaRegistry
-from gateway.coordination.store import ConfigMapStateStore, FileStateStore
+from gateway.coordination.store import ConfigMapStateStore, FileStateStore, StateStore
 from gateway.shardstate import state_file_path
 
 if TYPE_CHECKING:
@@ -35,6 +35,32 @@ class Timing:
     request_timeout: float = 5.0  # one API-server request
 
 
+def _coordinator(
+    identity: str,
+    store: StateStore,
+    election: Election,
+    registry: ReplicaRegistry | None,
+    times: Timing,
+    desired: Callable[[], str | None],
+    pods_of: Callable[[str], Iterable[str]],
+    on_handoff: Callable[[str, float], None] | None,
+) -> Coordinator:
+    """A coordinator on ``store``, ``election`` and ``registry``; the rest is the same for all."""
+    return Coordinator(
+        identity=identity,
+        store=store,
+        election=election,
+        registry=registry,
+        prober=PodProber(times.probe_timeout),
+        desired=desired,
+        pods_of=pods_of,
+        interval=times.interval,
+        stable_interval=times.stable_interval,
+        backoff_max=times.backoff_max,
+        on_handoff=on_handoff,
+    )
+
+
 def kubernetes_coordinator(
     api_factory: Callable[[], client.ApiClient],
     namespace: str,
@@ -48,10 +74,10 @@ def kubernetes_coordinator(
     """The coordinator of a gateway on the ConfigMap ``configmap``: the state ConfigMap, the
     Lease ``configmap-leader``, and a replica Lease of its own. ``timing``: ``Timing``'s fields."""
     times = Timing(**timing)
-    return Coordinator(
-        identity=identity,
-        store=ConfigMapStateStore(api_factory, namespace, configmap, timeout=times.request_timeout),
-        election=LeaderElection(
+    return _coordinator(
+        identity,
+        ConfigMapStateStore(api_factory, namespace, configmap, timeout=times.request_timeout),
+        LeaderElection(
             api_factory,
             namespace,
             configmap,
@@ -61,7 +87,7 @@ def kubernetes_coordinator(
             retry_period=times.retry_period,
             request_timeout=times.request_timeout,
         ),
-        registry=ReplicaRegistry(
+        ReplicaRegistry(
             api_factory,
             namespace,
             configmap,
@@ -70,13 +96,10 @@ def kubernetes_coordinator(
             renew_interval=times.replica_renew,
             request_timeout=times.request_timeout,
         ),
-        prober=PodProber(times.probe_timeout),
-        desired=desired,
-        pods_of=pods_of,
-        interval=times.interval,
-        stable_interval=times.stable_interval,
-        backoff_max=times.backoff_max,
-        on_handoff=on_handoff,
+        times,
+        desired,
+        pods_of,
+        on_handoff,
     )
 
 
@@ -92,16 +115,5 @@ def file_coordinator(
     """The coordinator of a gateway on the file ``config_path``: the state file beside it (or
     ``state_path``), always the leader, no registry (one process)."""
     times = Timing(**timing)
-    return Coordinator(
-        identity=identity,
-        store=FileStateStore(state_path or state_file_path(config_path)),
-        election=SoleLeader(identity),
-        registry=None,
-        prober=PodProber(times.probe_timeout),
-        desired=desired,
-        pods_of=pods_of,
-        interval=times.interval,
-        stable_interval=times.stable_interval,
-        backoff_max=times.backoff_max,
-        on_handoff=on_handoff,
-    )
+    store = FileStateStore(state_path or state_file_path(config_path))
+    return _coordinator(identity, store, SoleLeader(identity), None, times, desired, pods_of, on_handoff)

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import json
 import socket
 import threading
-import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -41,7 +39,7 @@ from gateway.discovery.kubernetes import CONFIGMAPS, ResourceWatcher, WatchTimin
 from gateway.fence import STATE_PATH, Fence
 from gateway.shardstate import STATE_KEY, ShardState, state_configmap_name
 from tests.k8s.apiserver import FakeApiServer
-from tests.support import contract_ring
+from tests.support import contract_ring, poll_until
 
 NS = "shards"
 CONFIGMAP = "shardgate"
@@ -127,19 +125,8 @@ def run(test: Callable[[], Coroutine[Any, Any, None]], timeout: float = 120.0) -
 async def eventually(
     check: Callable[[], Awaitable[bool] | bool], timeout: float = DEADLINE, interval: float = 0.02
 ) -> bool:
-    """Poll ``check`` until true or the deadline passes; its last result."""
-
-    async def result() -> bool:
-        value = check()
-        return bool(await value) if inspect.isawaitable(value) else bool(value)
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if await result():
-            return True
-        if time.monotonic() >= deadline:
-            return await result()
-        await asyncio.sleep(interval)
+    """``poll_until`` with this suite's deadline."""
+    return await poll_until(check, timeout, interval)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import socket
@@ -29,7 +28,7 @@ from multidict import CIMultiDict
 from gateway.fence import STATE_PATH, Fence
 from gateway.shardstate import Phase, ShardState
 from tests.k8s.apiserver import FakeApiServer
-from tests.support import contract_ring
+from tests.support import contract_ring, poll_until
 
 KEY_HEADER = "User-ID"
 OWN = "group-2"  # the group of the backend under test
@@ -140,20 +139,8 @@ def run(test: Callable[[], Coroutine[Any, Any, None]], timeout: float = 90.0) ->
 async def eventually(
     check: Callable[[], Awaitable[bool] | bool], timeout: float = DEADLINE, interval: float = 0.02
 ) -> bool:
-    """Poll ``check`` (a coroutine function or a plain one) until true or the deadline passes;
-    its last result."""
-
-    async def result() -> bool:
-        value = check()
-        return bool(await value) if inspect.isawaitable(value) else bool(value)
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if await result():
-            return True
-        if time.monotonic() >= deadline:
-            return await result()
-        await asyncio.sleep(interval)
+    """``poll_until`` with this suite's deadline."""
+    return await poll_until(check, timeout, interval)
 
 
 # ---------------------------------------------------------------------------------------------
