@@ -99,6 +99,8 @@ class Metrics:
         "upstream_connects",
         "upstream_connect_failures",
         "upstream_retries",
+        "fenced_writes_resent",
+        "fenced_writes_refused",
         "client_connections_open",
         "client_connections_total",
         "bytes_received",
@@ -115,6 +117,10 @@ class Metrics:
         self.upstream_connects = 0
         self.upstream_connect_failures = 0
         self.upstream_retries = 0
+        # Writes a fenced pod answered 421 (never passed on): sent again to the newest owner,
+        # or answered 503 shard_moving.
+        self.fenced_writes_resent = 0
+        self.fenced_writes_refused = 0
         self.client_connections_open = 0
         self.client_connections_total = 0
         self.bytes_received = 0  # from clients (request bytes as read, framing included)
@@ -298,6 +304,15 @@ class GatewayCollector(Collector):
             "Requests tried again on another pod (never a write after a byte of it was sent).",
             value=m.upstream_retries,
         )
+        fenced = CounterMetricFamily(
+            "shardgate_fenced_writes",
+            "Writes a fenced pod answered 421 (its handler did not run; never passed on), by what "
+            "the gateway did: resent to the owner in its newest view, or refused 503 shard_moving.",
+            labels=["outcome"],
+        )
+        fenced.add_metric(["resent"], m.fenced_writes_resent)
+        fenced.add_metric(["refused"], m.fenced_writes_refused)
+        yield fenced
 
     def _process(self) -> Iterator[Any]:
         m = self._metrics

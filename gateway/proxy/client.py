@@ -268,7 +268,10 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
             # not own. Refused, never guessed.
             exchange.is_write = topology is not None and is_write(topology, method, fields.operation)
             return decision
-        exchange.is_write = decision.is_write
+        if decision.is_write:
+            exchange.is_write = True
+            # Kept for a resend after a fenced pod's 421, decided again on the newest view.
+            exchange.key, exchange.operation, exchange.resend_body = fields.key, fields.operation, []
         if fields.content_length > self.ctx.limits.max_body_bytes:
             exchange.keep_alive = False
             return BODY_TOO_LARGE

@@ -17,6 +17,7 @@ cdef class Exchange(ResponseSink):
     cdef public int state, status, attempts
     cdef public bytes rid, method, target
     cdef public list pending
+    cdef public object key, operation, resend_body
     cdef public Py_ssize_t pending_bytes, body_bytes
     cdef public bint chunked, keep_alive, is_write, expect_continue
 
@@ -25,6 +26,7 @@ cdef class Exchange(ResponseSink):
     cpdef body_complete(self)
     cpdef flush_body(self)
     cpdef list take_pending(self)
+    cpdef keep_for_resend(self, list sent)
     cpdef bind(self, pod)
     cpdef release(self)
     cpdef start(self)
@@ -33,6 +35,7 @@ cdef class Exchange(ResponseSink):
     cpdef send_on(self, UpstreamConnection conn, double now)
     # ResponseSink
     cpdef response_head(self, bytes kept, int status, framing, body, bytes group)
+    cpdef fenced(self)
     cpdef response_body(self, data)
     cpdef response_complete(self, double now)
     cpdef upstream_lost(self, bint reused_connection, bint until_close)

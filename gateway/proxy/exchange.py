@@ -7,7 +7,11 @@ An ``Exchange`` is created when a request head begins and lives until its respon
                   \\________________________________________/  (refused: QUEUED -> DONE)
 
 It alone decides whether it may be tried again (``may_retry``): before any byte reached a pod,
-always once; after that, only a bodiless idempotent read, never a write (DESIGN invariant 4).
+always once; after that, only a bodiless idempotent read, never a write (DESIGN invariant 4) --
+but for the one case where the pod itself guarantees its handler did not run: a fenced pod's
+``421`` (``X-Shard-Fence``, docs/design/014-ownership-handoff.md), which is never passed on. The
+write goes once more, only to its owner in the gateway's newest view, or is answered
+``503 shard_moving``.
 ``bind``/``release`` are the one place a request is tied to a pod (its in-flight count).
 
 The upstream connection talks to it through the ``ResponseSink`` methods (response head, body,
@@ -27,7 +31,7 @@ from gateway.proxy.response_head import (
     without_transfer_encoding,
 )
 from gateway.proxy.sides import ClientSide, ResponseSink
-from gateway.router import Decision, Refusal, choose_pod
+from gateway.router import Decision, Refusal, choose_pod, decide
 from gateway.topology import Pod, PodState
 
 if TYPE_CHECKING:
@@ -44,6 +48,11 @@ DONE = 5  # answered, or given up
 STATE_NAMES = ("parsing", "queued", "connecting", "sent", "streaming", "done")
 
 MAX_ATTEMPTS = 2
+# A write's body is kept for a resend after a fence's 421 up to this size; a longer one is
+# answered 503 shard_moving instead (the client retries it).
+RESEND_BODY_LIMIT = 65536
+FENCE_FIELD = b"\r\nx-shard-fence:"
+EPOCH_LINE = b"\r\nX-Shard-Epoch: "
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 _READY = PodState.READY
 LAST_CHUNK = b"0\r\n\r\n"
@@ -66,12 +75,15 @@ class Exchange(ResponseSink):
         "is_head",
         "is_write",
         "keep_alive",
+        "key",
         "method",
+        "operation",
         "pending",
         "pending_bytes",
         "pod",
         "refusal",
         "request_done",
+        "resend_body",
         "rid",
         "served_by",
         "span",
@@ -103,6 +115,10 @@ class Exchange(ResponseSink):
         self.http10 = False
         self.is_head = False
         self.is_write = False  # known even when the request is refused (for metrics and logs)
+        self.key: bytes | None = None  # the shard key field's raw value, and the operation
+        self.operation: bytes | None = None  # field's: what a resend is decided again on
+        # A write's body as sent, kept for one resend after a fence's 421 (None: no resend).
+        self.resend_body: list[bytes] | None = None
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -146,13 +162,22 @@ class Exchange(ResponseSink):
         """Hand the body bytes read so far to the upstream connection, if there is one."""
         if self.pending and self.upstream is not None:
             self.upstream.send(b"".join(self.pending))
-            self.take_pending()
+            self.keep_for_resend(self.take_pending())
 
     def take_pending(self) -> list[bytes]:
         pending = self.pending
         self.pending = []
         self.pending_bytes = 0
         return pending
+
+    def keep_for_resend(self, sent: list[bytes]) -> None:
+        """Keep a write's body bytes as they went upstream (a short body only)."""
+        kept = self.resend_body
+        if kept is not None:
+            if self.body_bytes > RESEND_BODY_LIMIT:
+                self.resend_body = None
+            else:
+                kept.extend(sent)
 
     # -- binding to a pod ---------------------------------------------------------------------
 
@@ -239,7 +264,10 @@ class Exchange(ResponseSink):
         request may have reached the pod."""
         self.state = SENT
         self.upstream = conn
-        conn.start(self, self.take_pending() if self.pending else None, now)
+        body = self.take_pending() if self.pending else None
+        conn.start(self, body, now)
+        if body is not None:
+            self.keep_for_resend(body)
         self.client.update_reading()  # body bytes no longer wait for a connection
 
     # -- retries --------------------------------------------------------------------------------
@@ -260,6 +288,9 @@ class Exchange(ResponseSink):
     ) -> None:
         """The upstream's head, hop-by-hop fields already out (and the body bytes after it);
         ``group``: the serving pod's, for X-Shard-Group."""
+        if status == 421 and self.is_write and FENCE_FIELD in kept.lower():
+            self.fenced()
+            return
         ctx = self.client.ctx
         if framing.until_close or (framing.chunked and self.http10) or ctx.draining or ctx.closing:
             # The body ends at the close (until_close; chunks decoded for HTTP/1.0), or the
@@ -275,6 +306,41 @@ class Exchange(ResponseSink):
             self.dechunker = _dechunker_to(self.client)
             if body:
                 self.dechunker.feed(body)
+
+    def fenced(self) -> None:
+        """The pod's fence refused the write before its handler ran: the gateway's view was
+        older than the pod's. Not passed on: sent once more to the owner in the newest view
+        (when that is another group and the body was kept), or answered 503 shard_moving."""
+        client = self.client
+        ctx = client.ctx
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()  # the rest of the 421 is of no use; the exchange is done with it
+        refused_by = self.pod
+        group = refused_by.group if refused_by is not None else ""
+        topology = ctx.holder.current
+        decision = decide(topology, self.method, self.key, self.operation) if topology is not None else None
+        body = self.resend_body
+        self.resend_body = None  # once only
+        if (
+            isinstance(decision, Decision)
+            and decision.is_write
+            and decision.group != group
+            and body is not None
+            and self.request_done
+            and topology is not None
+        ):
+            ctx.metrics.fenced_writes_resent += 1
+            self.release()
+            self.decision = decision
+            self.head = with_epoch(self.head, topology.epoch_bytes)
+            self.pending = body
+            self.state = QUEUED
+            self.dispatch(None)
+            client.update_reading()
+            return
+        ctx.metrics.fenced_writes_refused += 1
+        client.refuse(self, fenced_refusal(group, decision))
 
     def response_body(self, data: bytes | memoryview) -> None:
         if self.dechunker is not None:
@@ -335,6 +401,24 @@ class Exchange(ResponseSink):
 
     def client_writable(self) -> bool:
         return self.client.writable()
+
+
+def with_epoch(head: bytes, epoch: bytes) -> bytes:
+    """``head`` with the gateway's X-Shard-Epoch line (its last one) saying ``epoch``."""
+    at = head.rfind(EPOCH_LINE)
+    if at < 0:
+        return head
+    start = at + len(EPOCH_LINE)
+    end = head.find(b"\r\n", start)
+    return head[:start] + epoch + head[end:]
+
+
+def fenced_refusal(group: str, decision: Decision | Refusal | None) -> Refusal:
+    """What a write refused by a fenced pod is answered when it is not sent again."""
+    if isinstance(decision, Refusal) and decision.code == "shard_moving":
+        return decision  # the newest view says so itself
+    detail = f"a pod of group {group} refused this write: its key is moving or moved; retry"
+    return Refusal(503, "shard_moving", detail, retry_after=1)
 
 
 def _dechunker_to(client: ClientSide) -> Dechunker:

@@ -124,6 +124,8 @@ class UpstreamConnection:  # an asyncio protocol: the loop calls these methods b
             self._head_response(exchange, data)
         elif not self._parse(exchange, data):
             return
+        if self.exchange is not exchange:
+            return  # the exchange gave the connection up on seeing the head (a fence's 421)
         if self.response_done:
             self._complete(exchange)
         elif self._status and not self.flow.read_blocks:

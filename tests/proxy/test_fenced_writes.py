@@ -1,0 +1,187 @@
+"""A fenced pod's 421 (``X-Shard-Fence``: its handler did not run) is never passed to the client:
+the write goes once more, only to its owner in the gateway's newest view, or is answered
+``503 shard_moving`` + Retry-After (docs/design/014-ownership-handoff.md, docs/contract.md).
+
+In process: the gateway's client protocol on a fake transport, in front of real upstream
+servers on 127.0.0.1 that answer 421 the way ``gateway.fence`` does, or 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.config import parse_shard_config
+from gateway.topology import Topology, TopologyBuilder
+from tests.proxy.harness import KEY_HEADER, Harness, RecordedHead, harness, responses_in
+
+FENCED_BODY = json.dumps({"error": "shard_moving", "detail": "moving", "owner": None, "epoch": "x"}).encode()
+
+
+@dataclass
+class Pod:
+    """A pod that keeps every request (head and body) and answers each with ``status``; a 421
+    carries ``X-Shard-Fence`` when ``fence`` (as the fence's own answers do). Answers wait for
+    ``release``."""
+
+    status: int = 200
+    fence: bool = True
+    requests: list[tuple[RecordedHead, bytes]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    _server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = RecordedHead(await reader.readuntil(b"\r\n\r\n"))
+                length = next((int(v) for n, v in head.fields if n.lower() == b"content-length"), 0)
+                self.requests.append((head, await reader.readexactly(length)))
+                await self.release.wait()
+                writer.write(self._answer())
+                await writer.drain()
+        writer.close()
+
+    def _answer(self) -> bytes:
+        if self.status == 200:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        fence = b"X-Shard-Fence: shard_moving\r\n" if self.fence else b""
+        return (
+            b"HTTP/1.1 %d Misdirected Request\r\nContent-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (self.status, fence, len(FENCED_BODY), FENCED_BODY)
+        )
+
+
+def topology(group: str, pod: Pod) -> Topology:
+    """Every key owned by ``group`` (its only group), whose one pod is ``pod``."""
+    text = (
+        "version: 1\n"
+        f"routing: {{key_header: {KEY_HEADER}}}\n"
+        f'groups:\n  - name: {group}\n    endpoints: ["127.0.0.1:{pod.port}"]\n'
+    )
+    return TopologyBuilder().build(parse_shard_config(text))
+
+
+def post(body: bytes, key: str = "alice") -> bytes:
+    return (
+        f"POST /w HTTP/1.1\r\nHost: t\r\n{KEY_HEADER}: {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+@dataclass
+class Scene:
+    plane: Harness
+    old: Pod  # the pod the gateway's view sends the write to: it answers 421 (or 200)
+    new: Pod  # the owner in a newer view
+
+
+@pytest.fixture
+def scene() -> Iterator[Scene]:
+    with harness() as plane:
+        old, new = Pod(status=421), Pod()
+        new.release.set()
+        plane.run(old.start())
+        plane.run(new.start())
+        plane.holder.swap(topology("group-1", old))
+        try:
+            yield Scene(plane, old, new)
+        finally:
+            plane.run(old.stop())
+            plane.run(new.stop())
+
+
+def answer_after(scene: Scene, request: bytes, newer_view: bool) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Send ``request``; once the old pod has it, maybe swap in the newer view; then let the old
+    pod answer and return the client's one response."""
+    plane = scene.plane
+    client, transport = plane.connect()
+    plane.feed(client, [request])
+    plane.wait_for(lambda: len(scene.old.requests) == 1)
+    if newer_view:
+        plane.holder.swap(topology("group-2", scene.new))
+    scene.old.release.set()
+    plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 1)
+    (response,) = responses_in(bytes(transport.written))
+    return response
+
+
+def epoch_of(head: RecordedHead) -> bytes:
+    return dict((name.lower(), value) for name, value in head.fields)[b"x-shard-epoch"]
+
+
+def test_a_fenced_421_is_answered_503_shard_moving_when_the_view_is_not_newer(scene: Scene) -> None:
+    status, headers, body = answer_after(scene, post(b'{"n": 1}'), newer_view=False)
+    assert status == 503
+    assert json.loads(body)["error"] == "shard_moving"
+    assert headers[b"retry-after"] == b"1"
+    assert scene.new.requests == []
+    assert scene.plane.metrics.fenced_writes_refused == 1
+    assert scene.plane.metrics.fenced_writes_resent == 0
+
+
+def test_a_fenced_421_sends_the_write_once_more_to_the_owner_in_the_newest_view(scene: Scene) -> None:
+    status, headers, body = answer_after(scene, post(b'{"n": 2}'), newer_view=True)
+    assert (status, body) == (200, b"ok")
+    assert headers[b"x-shard-group"] == b"group-2"
+    ((first, first_body),) = scene.old.requests
+    ((again, again_body),) = scene.new.requests
+    assert again_body == first_body == b'{"n": 2}'
+    # The resend says the epoch of the view it was decided on and its pod's group, and is
+    # otherwise the same head.
+    assert epoch_of(again) == scene.plane.holder.current.epoch_bytes != epoch_of(first)
+    assert (b"X-Shard-Group", b"group-2") in again.fields
+    per_view = (b"X-Shard-Epoch", b"X-Shard-Group")
+    assert [f for f in again.fields if f[0] not in per_view] == [
+        f for f in first.fields if f[0] not in per_view
+    ]
+    assert scene.plane.metrics.fenced_writes_resent == 1
+
+
+def test_a_resent_write_is_not_resent_again(scene: Scene) -> None:
+    scene.new.status = 421  # the newer owner's fence refuses it too
+    status, _, body = answer_after(scene, post(b"{}"), newer_view=True)
+    assert status == 503 and json.loads(body)["error"] == "shard_moving"
+    assert len(scene.new.requests) == 1
+    assert (scene.plane.metrics.fenced_writes_resent, scene.plane.metrics.fenced_writes_refused) == (1, 1)
+
+
+def test_a_write_whose_body_was_too_long_to_keep_is_answered_503_not_resent(scene: Scene) -> None:
+    from gateway.proxy.exchange import RESEND_BODY_LIMIT
+
+    status, _, body = answer_after(scene, post(b"x" * (RESEND_BODY_LIMIT + 1)), newer_view=True)
+    assert status == 503 and json.loads(body)["error"] == "shard_moving"
+    assert scene.new.requests == []
+
+
+def test_an_applications_own_421_is_passed_on(scene: Scene) -> None:
+    scene.old.fence = False  # no X-Shard-Fence: the application answered, not the fence
+    status, _, body = answer_after(scene, post(b"{}"), newer_view=True)
+    assert status == 421 and body == FENCED_BODY
+    assert scene.new.requests == []
+
+
+def test_the_client_connection_goes_on_after_a_fenced_write(scene: Scene) -> None:
+    plane = scene.plane
+    scene.old.release.set()
+    client, transport = plane.connect()
+    plane.feed(client, [post(b"{}")])
+    plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 1)
+    scene.old.status = 200
+    plane.feed(client, [post(b"{}")])
+    plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 2)
+    assert [r[0] for r in responses_in(bytes(transport.written))] == [503, 200]
+    assert not transport.closed
