@@ -101,6 +101,8 @@ class Metrics:
         "upstream_retries",
         "fenced_writes_resent",
         "fenced_writes_refused",
+        "held_writes_sent",
+        "held_writes_refused",
         "client_connections_open",
         "client_connections_total",
         "bytes_received",
@@ -121,6 +123,10 @@ class Metrics:
         # or answered 503 shard_moving.
         self.fenced_writes_resent = 0
         self.fenced_writes_refused = 0
+        # Writes for moving keys held during a fence phase: sent once their key had an owner
+        # again, or answered 503 shard_moving at handoff.hold_seconds.
+        self.held_writes_sent = 0
+        self.held_writes_refused = 0
         self.client_connections_open = 0
         self.client_connections_total = 0
         self.bytes_received = 0  # from clients (request bytes as read, framing included)
@@ -313,6 +319,15 @@ class GatewayCollector(Collector):
         fenced.add_metric(["resent"], m.fenced_writes_resent)
         fenced.add_metric(["refused"], m.fenced_writes_refused)
         yield fenced
+        held = CounterMetricFamily(
+            "shardgate_held_writes",
+            "Writes for moving keys held during a hand-off's fence phase, by how the hold ended: "
+            "sent to the key's owner on a newer view, or refused 503 shard_moving at the hold's end.",
+            labels=["outcome"],
+        )
+        held.add_metric(["sent"], m.held_writes_sent)
+        held.add_metric(["refused"], m.held_writes_refused)
+        yield held
 
     def _process(self) -> Iterator[Any]:
         m = self._metrics

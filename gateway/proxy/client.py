@@ -237,7 +237,7 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
         exchange.expect_continue = fields.expect_continue
         exchange.chunked = fields.chunked
         refusal = self._route(exchange, fields, topology)
-        if refusal is not None:
+        if refusal is not None and not self._hold(exchange, refusal, fields, topology):
             exchange.refusal = refusal
             return
         assert topology is not None
@@ -277,6 +277,20 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
             return BODY_TOO_LARGE
         exchange.decision = decision
         return None
+
+    def _hold(
+        self, exchange: Exchange, refusal: Refusal, fields: RequestFields, topology: Topology | None
+    ) -> bool:
+        """Whether a write refused because its key is moving is held instead (up to
+        ``handoff.hold_seconds``; its body is read and kept), to go once the key has an owner."""
+        if refusal.code != "shard_moving" or not exchange.is_write or topology is None:
+            return False
+        hold = topology.config.handoff.hold_seconds
+        if hold <= 0 or fields.content_length > self.ctx.limits.max_body_bytes:
+            return False
+        exchange.held_until = self.ctx.loop.time() + hold
+        exchange.key, exchange.operation, exchange.resend_body = fields.key, fields.operation, []
+        return True
 
     def _upstream_head(
         self,
@@ -318,7 +332,7 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
         parent: tuple[int, int, bool] | None,
         trace_id: int,
     ) -> bytes:
-        assert self.ctx.tracing is not None and exchange.decision is not None
+        assert self.ctx.tracing is not None
         host = fields.host
         exchange.span, traceparent = self.ctx.tracing.start(
             parent,
@@ -327,7 +341,7 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
             exchange.method,
             exchange.target,
             {
-                "shardgate.kind": "write" if exchange.decision.is_write else "read",
+                "shardgate.kind": "write" if exchange.is_write else "read",
                 "shardgate.epoch": topology.epoch,
                 "shardgate.request_id": exchange.rid.decode("latin-1"),
                 "client.address": self.peer.decode("latin-1"),

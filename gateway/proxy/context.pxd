@@ -4,6 +4,6 @@
 cdef class ProxyContext:
     cdef public object loop, tracing, access_log, holder, metrics, limits, next_id, pools, _sweeper
     cdef public Py_ssize_t body_limit_digits
-    cdef public set clients, upstreams
+    cdef public set clients, upstreams, held
     cdef public bint draining, closing
     cdef public double sweep_interval

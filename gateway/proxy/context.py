@@ -19,6 +19,7 @@ from gateway.topology import TopologyHolder
 
 if TYPE_CHECKING:
     from gateway.proxy.client import ClientConnection
+    from gateway.proxy.exchange import Exchange
     from gateway.proxy.upstream import UpstreamConnection
 
 
@@ -53,6 +54,10 @@ class ProxyContext:
         self.pools = Pools(metrics)
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
+        # Writes for moving keys held during a fence phase (Exchange.decide_held): started again
+        # on each new topology and at the sweep, which answers those past their deadline.
+        self.held: set[Exchange] = set()
+        holder.subscribe(self._start_held)
         self.draining = False
         self.closing = False  # drain delay: serve, but end keep-alive after each response
         timeouts = [
@@ -92,6 +97,19 @@ class ProxyContext:
         for item in expired:
             if 0 < item.deadline <= now:  # an earlier expiry may have moved it
                 item.on_deadline(now)
+        if self.held:
+            for exchange in [e for e in self.held if e.held_until <= now]:
+                self._start_one_held(exchange)
+
+    def _start_held(self, _topology: object) -> None:
+        for exchange in list(self.held):
+            self._start_one_held(exchange)
+
+    def _start_one_held(self, exchange: Exchange) -> None:
+        if exchange.client.closed:
+            self.held.discard(exchange)  # its client went away: nothing to answer
+        else:
+            exchange.start()
 
     def close_idle_clients(self) -> None:
         for client in list(self.clients):

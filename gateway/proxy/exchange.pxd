@@ -13,7 +13,7 @@ cdef class Exchange(ResponseSink):
     cdef public ClientSide client
     cdef public UpstreamConnection upstream
     cdef public object decision, refusal, error, pod, served_by, span, traceparent, dechunker
-    cdef public double start_time
+    cdef public double start_time, held_until
     cdef public int state, status, attempts
     cdef public bytes rid, method, target
     cdef public list pending
@@ -30,6 +30,7 @@ cdef class Exchange(ResponseSink):
     cpdef bind(self, pod)
     cpdef release(self)
     cpdef start(self)
+    cpdef decide_held(self)
     @cython.locals(link=PodLink)
     cpdef dispatch(self, exclude)
     cpdef send_on(self, UpstreamConnection conn, double now)

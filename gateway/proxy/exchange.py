@@ -31,6 +31,7 @@ from gateway.proxy.response_head import (
     without_transfer_encoding,
 )
 from gateway.proxy.sides import ClientSide, ResponseSink
+from gateway.router import NOT_READY as NOT_LOADED
 from gateway.router import Decision, Refusal, choose_pod, decide
 from gateway.topology import Pod, PodState
 
@@ -71,6 +72,7 @@ class Exchange(ResponseSink):
         "error",
         "expect_continue",
         "head",
+        "held_until",
         "http10",
         "is_head",
         "is_write",
@@ -119,6 +121,7 @@ class Exchange(ResponseSink):
         self.operation: bytes | None = None  # field's: what a resend is decided again on
         # A write's body as sent, kept for one resend after a fence's 421 (None: no resend).
         self.resend_body: list[bytes] | None = None
+        self.held_until = 0.0  # a write for a moving key, held until then (0: not held)
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -202,12 +205,42 @@ class Exchange(ResponseSink):
         refusal = self.refusal
         if refusal is None and client.ctx.draining:
             refusal = DRAINED  # it arrived, or waited its turn, past the drain delay
+        if refusal is None and self.held_until and not client.closed:
+            refusal = self.decide_held()
+            if refusal is None and self.held_until:
+                return  # still held: the next topology, or the deadline, starts it again
         if refusal is not None:
+            client.ctx.held.discard(self)
             client.refuse(self, refusal)
             return
         if self.expect_continue and not self.request_done:
             client.send(CONTINUE_RESPONSE)
         self.dispatch(None)
+
+    def decide_held(self) -> Refusal | None:
+        """A write held because its key is moving, decided again on the newest view: sent once
+        its key has an owner again (None, no longer held), kept held until its deadline (None,
+        still held), then refused (the refusal). Nothing of it went anywhere before this."""
+        ctx = self.client.ctx
+        topology = ctx.holder.current
+        decision = decide(topology, self.method, self.key, self.operation) if topology is not None else None
+        if isinstance(decision, Decision) and topology is not None:
+            ctx.held.discard(self)
+            ctx.metrics.held_writes_sent += 1
+            self.held_until = 0.0
+            self.decision = decision
+            self.head = with_epoch(self.head, topology.epoch_bytes)
+            return None
+        if (
+            isinstance(decision, Refusal)
+            and decision.code == "shard_moving"
+            and ctx.loop.time() < self.held_until
+        ):
+            ctx.held.add(self)
+            return None
+        ctx.metrics.held_writes_refused += 1
+        self.held_until = 0.0
+        return decision if isinstance(decision, Refusal) else NOT_LOADED
 
     def dispatch(self, exclude: Pod | None) -> None:
         """Pick a pod of the allowed set (never outside it: a write's is its owner group's) and
