@@ -271,7 +271,7 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
         if decision.is_write:
             exchange.is_write = True
             # Kept for a resend after a fenced pod's 421, decided again on the newest view.
-            exchange.key, exchange.operation, exchange.resend_body = fields.key, fields.operation, []
+            exchange.key, exchange.operation = fields.key, fields.operation
         if fields.content_length > self.ctx.limits.max_body_bytes:
             exchange.keep_alive = False
             return BODY_TOO_LARGE
@@ -289,7 +289,7 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
         if hold <= 0 or fields.content_length > self.ctx.limits.max_body_bytes:
             return False
         exchange.held_until = self.ctx.loop.time() + hold
-        exchange.key, exchange.operation, exchange.resend_body = fields.key, fields.operation, []
+        exchange.key, exchange.operation = fields.key, fields.operation
         return True
 
     def _upstream_head(

@@ -17,9 +17,9 @@ cdef class Exchange(ResponseSink):
     cdef public int state, status, attempts
     cdef public bytes rid, method, target
     cdef public list pending
-    cdef public object key, operation, resend_body
+    cdef public object key, operation, sent_body
     cdef public Py_ssize_t pending_bytes, body_bytes
-    cdef public bint chunked, keep_alive, is_write, expect_continue
+    cdef public bint chunked, keep_alive, is_write, expect_continue, resent
 
     cpdef head_complete(self, method)
     cpdef add_body(self, data)
@@ -27,6 +27,7 @@ cdef class Exchange(ResponseSink):
     cpdef flush_body(self)
     cpdef list take_pending(self)
     cpdef keep_for_resend(self, list sent)
+    cpdef bint may_resend(self) except -1
     cpdef bind(self, pod)
     cpdef release(self)
     cpdef start(self)

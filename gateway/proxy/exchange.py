@@ -85,8 +85,9 @@ class Exchange(ResponseSink):
         "pod",
         "refusal",
         "request_done",
-        "resend_body",
+        "resent",
         "rid",
+        "sent_body",
         "served_by",
         "span",
         "start_time",
@@ -119,8 +120,9 @@ class Exchange(ResponseSink):
         self.is_write = False  # known even when the request is refused (for metrics and logs)
         self.key: bytes | None = None  # the shard key field's raw value, and the operation
         self.operation: bytes | None = None  # field's: what a resend is decided again on
-        # A write's body as sent, kept for one resend after a fence's 421 (None: no resend).
-        self.resend_body: list[bytes] | None = None
+        # A write's body as sent (a short one), kept for one resend after a fence's 421.
+        self.sent_body: list[bytes] | None = None
+        self.resent = False
         self.held_until = 0.0  # a write for a moving key, held until then (0: not held)
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
@@ -174,13 +176,19 @@ class Exchange(ResponseSink):
         return pending
 
     def keep_for_resend(self, sent: list[bytes]) -> None:
-        """Keep a write's body bytes as they went upstream (a short body only)."""
-        kept = self.resend_body
-        if kept is not None:
-            if self.body_bytes > RESEND_BODY_LIMIT:
-                self.resend_body = None
-            else:
-                kept.extend(sent)
+        """Keep a write's body bytes as they went upstream, for a resend after a fence's 421
+        (a short body only: ``may_resend``). ``sent`` is the list taken from ``pending``."""
+        if not self.is_write or self.body_bytes > RESEND_BODY_LIMIT:
+            return
+        kept = self.sent_body
+        if kept is None:
+            self.sent_body = sent  # (nobody else holds it: no copy)
+        else:
+            kept.extend(sent)
+
+    def may_resend(self) -> bool:
+        """Whether a write a fence refused may go once more: once only, its whole body kept."""
+        return self.is_write and not self.resent and self.request_done and self.body_bytes <= RESEND_BODY_LIMIT
 
     # -- binding to a pod ---------------------------------------------------------------------
 
@@ -353,21 +361,20 @@ class Exchange(ResponseSink):
         group = refused_by.group if refused_by is not None else ""
         topology = ctx.holder.current
         decision = decide(topology, self.method, self.key, self.operation) if topology is not None else None
-        body = self.resend_body
-        self.resend_body = None  # once only
         if (
             isinstance(decision, Decision)
             and decision.is_write
             and decision.group != group
-            and body is not None
-            and self.request_done
+            and self.may_resend()
             and topology is not None
         ):
             ctx.metrics.fenced_writes_resent += 1
+            self.resent = True
             self.release()
             self.decision = decision
             self.head = with_epoch(self.head, topology.epoch_bytes)
-            self.pending = body
+            body, self.sent_body = self.sent_body, None
+            self.pending = body if body is not None else []
             self.state = QUEUED
             self.dispatch(None)
             client.update_reading()
