@@ -33,6 +33,10 @@ from aiohttp import web
 from gateway.fence import Fence
 
 GROUPS: tuple[str, ...] = ("group-1", "group-2", "group-3")
+# Runs from the start but owns nothing until the config names it: the banner shows how to add
+# it, which the gateway hands off (fence phase, barrier, commit) while it serves.
+ADDED_GROUP = "group-4"
+ADDED_CONFIG = "shards-with-group-4.yaml"
 PODS_PER_GROUP = 2
 DEMO_HOST = "127.0.0.1"
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -251,6 +255,13 @@ def _owners(cfg_path: Path, keys: list[str]) -> dict[str, str]:
     return {key: ring.owner(key) for key in keys}
 
 
+def _first_moving_user(added_cfg: Path) -> str:
+    """A user whose owner the added group becomes (the banner's example of a moved key)."""
+    users = [f"user-{index}" for index in range(1000)]
+    owners = _owners(added_cfg, users)
+    return next(user for user in users if owners[user] == ADDED_GROUP)  # ~1 user in 4
+
+
 def banner(
     *,
     pods: dict[str, list[tuple[str, tuple[str, int]]]],
@@ -267,10 +278,13 @@ def banner(
     cfg = shlex.quote(str(cfg_path))
     users = [("alice", "book"), ("bob", "lamp"), ("carol", "mug"), ("grace", "desk")]
     owners = _owners(cfg_path, [user for user, _ in users])
+    added_cfg = cfg_path.with_name(ADDED_CONFIG)
+    mover = _first_moving_user(added_cfg)
     out = ["shardgate demo: 3 shard groups x 2 pods, with the gateway in front", ""]
     for group, members in pods.items():
         listed = ", ".join(f"{pod} {_url(address)}" for pod, address in members)
-        out.append(f"  {group}: {listed}   (shard: {shard_path(data_dir, group)})")
+        label = f"{group} (not in the config yet)" if group == ADDED_GROUP else group
+        out.append(f"  {label}: {listed}   (shard: {shard_path(data_dir, group)})")
     out += [
         "",
         f"  gateway: {gateway_url}",
@@ -295,6 +309,15 @@ def banner(
         f"shardgate route --config {cfg} {' '.join(user for user, _ in users)}"
         f"    # {', '.join(f'{user} -> {owners[user]}' for user, _ in users)}",
         "",
+        f"Reshard while it serves: add {ADDED_GROUP} (its pods run already). See what moves, apply it,",
+        "and watch the hand-off in /debug/ring (config.handoff: fence phase, barrier, commit;",
+        "config.generation goes up); then a write for a moved user lands in the new group:",
+        "",
+        f"shardgate plan {cfg} {shlex.quote(str(added_cfg))}",
+        f"cp {shlex.quote(str(added_cfg))} {cfg}",
+        f"curl -s {admin_url}/debug/ring",
+        write(mover, "chair") + f"    # {mover}: {_owners(cfg_path, [mover])[mover]} -> {ADDED_GROUP}",
+        "",
         "Press Ctrl+C to stop.",
     ]
     return "\n".join(out)
@@ -317,7 +340,7 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
             pods: dict[str, list[tuple[str, tuple[str, int]]]] = {}
             cfg_path = data_dir / "shards.yaml"
             fences: list[Fence] = []
-            for group in GROUPS:
+            for group in (*GROUPS, ADDED_GROUP):
                 pods[group] = []
                 for pod in _pod_names(group):
                     fence = Fence.from_file(str(cfg_path), group, poll_interval=FENCE_POLL, pod=pod)
@@ -328,7 +351,8 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
             endpoints = {
                 group: [f"{host}:{port}" for _, (host, port) in members] for group, members in pods.items()
             }
-            cfg_path.write_text(_config_yaml(endpoints))
+            cfg_path.write_text(_config_yaml({group: endpoints[group] for group in GROUPS}))
+            cfg_path.with_name(ADDED_CONFIG).write_text(_config_yaml(endpoints))
 
             listen = listen or DEFAULT_LISTEN
             admin_listen = admin_listen or DEFAULT_ADMIN_LISTEN

@@ -188,7 +188,9 @@ class Exchange(ResponseSink):
 
     def may_resend(self) -> bool:
         """Whether a write a fence refused may go once more: once only, its whole body kept."""
-        return self.is_write and not self.resent and self.request_done and self.body_bytes <= RESEND_BODY_LIMIT
+        return (
+            self.is_write and not self.resent and self.request_done and self.body_bytes <= RESEND_BODY_LIMIT
+        )
 
     # -- binding to a pod ---------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.demo import GROUPS, make_pod_app, shard_path, start_app
+from gateway.demo import ADDED_GROUP, GROUPS, make_pod_app, shard_path, start_app
 from tests.support import contract_ring, free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ class CurlResult:
 
 
 def run_curl(line: str) -> CurlResult:
-    argv = shlex.split(line)
+    argv = shlex.split(line, comments=True)  # as a shell reads a pasted line
     assert argv[0] == "curl"
     # -i: the status line and headers come first in the output.
     done = subprocess.run(
@@ -342,6 +342,57 @@ def test_demo_printed_curl_lines_work(demo: tuple[Demo, str, str]) -> None:
             else:
                 assert rows == []
 
+    assert running.stop() == 0, running.stderr_text
+
+
+def test_demo_adds_group_4_through_a_hand_off_as_its_banner_says(demo: tuple[Demo, str, str]) -> None:
+    running, _listen, admin = demo
+    output = running.read_until("Ctrl+C", time.monotonic() + START_DEADLINE)
+    plan = next(line for line in output if line.startswith("shardgate plan "))
+    copy = next(line for line in output if line.startswith("cp "))
+    mover_line = next(line for line in output if line.startswith("curl ") and f"-> {ADDED_GROUP}" in line)
+    mover = _key_of(mover_line)
+    assert mover is not None
+
+    planned = subprocess.run(
+        [sys.executable, "-m", "gateway", *shlex.split(plan)[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert planned.returncode == 0 and ADDED_GROUP in planned.stdout, planned
+
+    ring = run_curl(f"curl -s http://{admin}/debug/ring").json()
+    generation = ring["config"]["generation"]
+    assert [group["name"] for group in ring["groups"]] == list(GROUPS)
+    before = run_curl(mover_line)
+    assert before.status == 201 and before.json()["group"] != ADDED_GROUP, before
+
+    subprocess.run(shlex.split(copy), check=True, timeout=10)
+    deadline = time.monotonic() + 30
+    while True:
+        config = run_curl(f"curl -s http://{admin}/debug/ring").json()["config"]
+        handoff = config.get("handoff") or {}
+        committed = str(handoff.get("last_outcome", "")).startswith("committed")
+        # (the leader's view says committed; the routing snapshot must hold that state too)
+        if committed and config["generation"] == handoff.get("generation") > generation:
+            break
+        assert time.monotonic() < deadline, config
+        time.sleep(0.2)  # polling the admin API: there is no event to wait on
+    assert handoff["phase"] == "stable", handoff
+    groups = run_curl(f"curl -s http://{admin}/debug/ring").json()["groups"]
+    assert [group["name"] for group in groups] == [*GROUPS, ADDED_GROUP]
+
+    after = run_curl(mover_line)
+    assert after.status == 201, after
+    assert after.json()["group"] == ADDED_GROUP
+    data_dir = Path(
+        next(line.split(":", 1)[1].strip() for line in output if line.strip().startswith("data:"))
+    )
+    with contextlib.closing(sqlite3.connect(shard_path(data_dir, ADDED_GROUP))) as conn:
+        rows = conn.execute("SELECT order_id FROM orders WHERE user_id = ?", (mover,)).fetchall()
+    assert [row[0] for row in rows] == [after.json()["order_id"]]
     assert running.stop() == 0, running.stderr_text
 
 
