@@ -310,24 +310,18 @@ class GatewayCollector(Collector):
             "Requests tried again on another pod (never a write after a byte of it was sent).",
             value=m.upstream_retries,
         )
-        fenced = CounterMetricFamily(
+        yield _by_outcome(
             "shardgate_fenced_writes",
             "Writes a fenced pod answered 421 (its handler did not run; never passed on), by what "
             "the gateway did: resent to the owner in its newest view, or refused 503 shard_moving.",
-            labels=["outcome"],
+            {"resent": m.fenced_writes_resent, "refused": m.fenced_writes_refused},
         )
-        fenced.add_metric(["resent"], m.fenced_writes_resent)
-        fenced.add_metric(["refused"], m.fenced_writes_refused)
-        yield fenced
-        held = CounterMetricFamily(
+        yield _by_outcome(
             "shardgate_held_writes",
             "Writes for moving keys held during a hand-off's fence phase, by how the hold ended: "
             "sent to the key's owner on a newer view, or refused 503 shard_moving at the hold's end.",
-            labels=["outcome"],
+            {"sent": m.held_writes_sent, "refused": m.held_writes_refused},
         )
-        held.add_metric(["sent"], m.held_writes_sent)
-        held.add_metric(["refused"], m.held_writes_refused)
-        yield held
 
     def _process(self) -> Iterator[Any]:
         m = self._metrics
@@ -376,14 +370,11 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily(
             "shardgate_topology_swaps", "Topology snapshots swapped in.", value=m.topology_swaps
         )
-        handoffs = CounterMetricFamily(
+        yield _by_outcome(
             "shardgate_handoffs",
             "Hand-offs this replica ended as the leader, by outcome (committed, rolled_back).",
-            labels=["outcome"],
+            dict(sorted(m.handoffs.items())),
         )
-        for outcome, value in sorted(m.handoffs.items()):
-            handoffs.add_metric([outcome], value)
-        yield handoffs
         yield CounterMetricFamily(
             "shardgate_handoff_fence_seconds",
             "Seconds the fence phases of those hand-offs lasted, summed (divided by"
@@ -484,3 +475,11 @@ class GatewayCollector(Collector):
 
 def _bound_label(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def _by_outcome(name: str, documentation: str, counts: dict[str, float]) -> CounterMetricFamily:
+    """A counter family with one ``outcome`` label, a sample per entry of ``counts``."""
+    family = CounterMetricFamily(name, documentation, labels=["outcome"])
+    for outcome, value in counts.items():
+        family.add_metric([outcome], value)
+    return family

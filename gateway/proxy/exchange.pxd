@@ -32,6 +32,8 @@ cdef class Exchange(ResponseSink):
     cpdef release(self)
     cpdef start(self)
     cpdef decide_held(self)
+    cpdef decide_again(self)
+    cpdef route_on(self, decision)
     @cython.locals(link=PodLink)
     cpdef dispatch(self, exclude)
     cpdef send_on(self, UpstreamConnection conn, double now)

@@ -31,8 +31,7 @@ from gateway.proxy.response_head import (
     without_transfer_encoding,
 )
 from gateway.proxy.sides import ClientSide, ResponseSink
-from gateway.router import NOT_READY as NOT_LOADED
-from gateway.router import Decision, Refusal, choose_pod, decide
+from gateway.router import NOT_READY, Decision, Refusal, choose_pod, decide
 from gateway.topology import Pod, PodState
 
 if TYPE_CHECKING:
@@ -232,14 +231,12 @@ class Exchange(ResponseSink):
         its key has an owner again (None, no longer held), kept held until its deadline (None,
         still held), then refused (the refusal). Nothing of it went anywhere before this."""
         ctx = self.client.ctx
-        topology = ctx.holder.current
-        decision = decide(topology, self.method, self.key, self.operation) if topology is not None else None
-        if isinstance(decision, Decision) and topology is not None:
+        decision = self.decide_again()
+        if isinstance(decision, Decision):
             ctx.held.discard(self)
             ctx.metrics.held_writes_sent += 1
             self.held_until = 0.0
-            self.decision = decision
-            self.head = with_epoch(self.head, topology.epoch_bytes)
+            self.route_on(decision)
             return None
         if (
             isinstance(decision, Refusal)
@@ -250,7 +247,21 @@ class Exchange(ResponseSink):
             return None
         ctx.metrics.held_writes_refused += 1
         self.held_until = 0.0
-        return decision if isinstance(decision, Refusal) else NOT_LOADED
+        return decision if isinstance(decision, Refusal) else NOT_READY
+
+    def decide_again(self) -> Decision | Refusal | None:
+        """Where this write may go on the gateway's newest view (None: no config loaded)."""
+        topology = self.client.ctx.holder.current
+        if topology is None:
+            return None
+        return decide(topology, self.method, self.key, self.operation)
+
+    def route_on(self, decision: Decision) -> None:
+        """Go where ``decision`` (made on the newest view) says, saying that view's epoch."""
+        topology = self.client.ctx.holder.current
+        assert topology is not None
+        self.decision = decision
+        self.head = with_epoch(self.head, topology.epoch_bytes)
 
     def dispatch(self, exclude: Pod | None) -> None:
         """Pick a pod of the allowed set (never outside it: a write's is its owner group's) and
@@ -361,20 +372,17 @@ class Exchange(ResponseSink):
             upstream.abort()  # the rest of the 421 is of no use; the exchange is done with it
         refused_by = self.pod
         group = refused_by.group if refused_by is not None else ""
-        topology = ctx.holder.current
-        decision = decide(topology, self.method, self.key, self.operation) if topology is not None else None
+        decision = self.decide_again()
         if (
             isinstance(decision, Decision)
             and decision.is_write
             and decision.group != group
             and self.may_resend()
-            and topology is not None
         ):
             ctx.metrics.fenced_writes_resent += 1
             self.resent = True
             self.release()
-            self.decision = decision
-            self.head = with_epoch(self.head, topology.epoch_bytes)
+            self.route_on(decision)
             body, self.sent_body = self.sent_body, None
             self.pending = body if body is not None else []
             self.state = QUEUED

@@ -94,10 +94,12 @@ class RecordedHead:
 
 @dataclass
 class RecordingUpstream:
-    """A pod: reads Content-Length-framed requests, answers each ``200 ok``, keeps the heads.
-    A request for ``/hold...`` is answered once ``release`` is set."""
+    """A pod: reads Content-Length-framed requests, answers each ``200 ok``, keeps the heads
+    (and bodies). A request for ``/hold...`` is answered once ``release`` is set. Subclasses
+    change ``wait_to_answer`` and ``answer``."""
 
     heads: list[RecordedHead] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
     port: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
@@ -117,14 +119,18 @@ class RecordingUpstream:
                 head = RecordedHead(raw)
                 self.heads.append(head)
                 length = next((int(v) for n, v in head.fields if n.lower() == b"content-length"), 0)
-                await reader.readexactly(length)
-                if head.request_line.split(b" ")[1].startswith(b"/hold"):
-                    await self.release.wait()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(RESPONSE_BODY), RESPONSE_BODY)
-                )
+                self.bodies.append(await reader.readexactly(length))
+                await self.wait_to_answer(head)
+                writer.write(self.answer(head))
                 await writer.drain()
         writer.close()
+
+    async def wait_to_answer(self, head: RecordedHead) -> None:
+        if head.request_line.split(b" ")[1].startswith(b"/hold"):
+            await self.release.wait()
+
+    def answer(self, head: RecordedHead) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(RESPONSE_BODY), RESPONSE_BODY)
 
 
 def shard_config(port: int) -> str:

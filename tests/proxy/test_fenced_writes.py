@@ -8,54 +8,36 @@ servers on 127.0.0.1 that answer 421 the way ``gateway.fence`` does, or 200.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 from gateway.config import parse_shard_config
 from gateway.topology import Topology, TopologyBuilder
-from tests.proxy.harness import KEY_HEADER, Harness, RecordedHead, harness, responses_in
+from tests.proxy.harness import KEY_HEADER, Harness, RecordedHead, RecordingUpstream, harness, responses_in
 
 FENCED_BODY = json.dumps({"error": "shard_moving", "detail": "moving", "owner": None, "epoch": "x"}).encode()
 
 
 @dataclass
-class Pod:
+class Pod(RecordingUpstream):
     """A pod that keeps every request (head and body) and answers each with ``status``; a 421
     carries ``X-Shard-Fence`` when ``fence`` (as the fence's own answers do). Answers wait for
     ``release``."""
 
     status: int = 200
     fence: bool = True
-    requests: list[tuple[RecordedHead, bytes]] = field(default_factory=list)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    port: int = 0
-    _server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+    @property
+    def requests(self) -> list[tuple[RecordedHead, bytes]]:
+        return list(zip(self.heads, self.bodies, strict=False))  # (a head whose body is on its way)
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+    async def wait_to_answer(self, head: RecordedHead) -> None:
+        await self.release.wait()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = RecordedHead(await reader.readuntil(b"\r\n\r\n"))
-                length = next((int(v) for n, v in head.fields if n.lower() == b"content-length"), 0)
-                self.requests.append((head, await reader.readexactly(length)))
-                await self.release.wait()
-                writer.write(self._answer())
-                await writer.drain()
-        writer.close()
-
-    def _answer(self) -> bytes:
+    def answer(self, head: RecordedHead) -> bytes:
         if self.status == 200:
             return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         fence = b"X-Shard-Fence: shard_moving\r\n" if self.fence else b""
