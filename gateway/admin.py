@@ -67,6 +67,9 @@ class AdminApp:
             return _json({"status": "draining"}, 503)
         if self._holder.current is None:
             return _json({"status": "no shard config loaded"}, 503)
+        if self._holder.awaiting_confirmation:
+            # Only at the start: a lease that runs out later refuses writes, and reads go on.
+            return _json({"status": "shard state not confirmed yet"}, 503)
         problem = self._workers_ready()
         if problem is not None:
             return _json({"status": problem}, 503)

@@ -22,7 +22,7 @@ from gateway.lifecycle import run_until_stopped
 from gateway.observability.logs import AccessLog
 from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.context import ProxyContext
-from gateway.proxy.plane import DataPlane
+from gateway.proxy.plane import BarrierReports, DataPlane
 from gateway.settings import Settings
 from gateway.workers import Supervisor
 
@@ -44,7 +44,9 @@ class Gateway:
             self.metrics,
             tracing=tracing_from_env(os.environ),
             access_log=AccessLog(settings.access_log, settings.slow_request_seconds),
+            read_state_soon=self.control.read_state_soon,
         )
+        BarrierReports(self.data.moving_writes_in_flight, self.holder, self.control.report)
         self.draining = False
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None

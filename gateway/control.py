@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,10 @@ class ControlPlane:
                 self.pods_of,
                 on_handoff=self.metrics.handoff_ended,
             )
-        self.holder.subscribe(self._report_generation)
+        follower = self.source.follower
+        if follower is not None:
+            # Past its lease the replica refuses writes itself (its view may be stale).
+            follower.subscribe_confirmation(self.holder.set_confirmed)
 
     def describe_source(self) -> dict[str, object]:
         """/debug/ring's ``config``: the source's status, the shard state in force, the hand-off."""
@@ -95,6 +99,12 @@ class ControlPlane:
         data = source.status.describe() if isinstance(source, StaticFileSource) else source.describe()
         current = self.holder.current
         data["generation"] = current.generation if current is not None else None
+        follower = source.follower
+        if follower is not None:
+            at = follower.confirmed_at
+            # Past the lease this replica refuses writes (503 shard_state_unconfirmed).
+            data["state_confirmed"] = not self.holder.unconfirmed
+            data["state_confirmed_age"] = round(time.monotonic() - at, 3) if at is not None else None
         data["handoff"] = self.coordinator.describe()
         return data
 
@@ -133,12 +143,19 @@ class ControlPlane:
     def _desired_changed(self) -> None:
         self.coordinator.desired_changed()
 
-    def _report_generation(self, topology: Topology) -> None:
-        """Tell the barrier which shard state this replica routes on. It refuses writes for moving
-        keys at once, so it has none of them in flight once it holds a fencing state."""
+    def report(self, generation: int | None, moving_in_flight: int) -> None:
+        """Tell the barrier which shard state this replica's data plane routes on (with
+        ``--workers``: the oldest any worker routes on) and how many of its writes in flight are
+        for keys moving under it (gateway.proxy.plane.BarrierReports)."""
         registry = self.coordinator.registry
         if registry is not None:
-            registry.report(topology.generation, 0)
+            registry.report(generation, moving_in_flight)
+
+    def read_state_soon(self) -> None:
+        """Read the shard state now: a fenced pod refused a write, so a newer one exists."""
+        follower = self.source.follower
+        if follower is not None:
+            follower.read_soon()
 
     def _count_swap(self, topology: Topology) -> None:
         self.metrics.topology_swaps += 1

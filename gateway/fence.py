@@ -87,6 +87,7 @@ GROUP_ENV = "SHARDGATE_GROUP"
 UNCONFIRMED = "shard_state_unconfirmed"
 STATE_CODE = "state"  # the X-Shard-Fence value of the state endpoint's answers
 
+MIN_READ_SPACING = 0.05  # seconds between two reads of the state, however often one is asked for
 MAX_CONFIRM_INTERVAL = 10.0  # a ConfigMap's confirmation reads: every min(lease / 6, this)
 NO_VIEW_INTERVAL = 1.0  # until a first view is held: nothing is accepted, so retry sooner
 FILE_POLL_INTERVAL = 0.5
@@ -447,12 +448,15 @@ def _group_or_env(group: str | None) -> str:
 class StateFollower:
     """Follows the shard state from a source: the newest view read (never an older one) and
     its lease (confirmed by direct reads only). The fence judges writes on it; a gateway routes
-    on it. Listeners hear of every new view, on the event loop."""
+    on it. Listeners hear of every new view, and of the lease running out and being confirmed
+    again, on the event loop."""
 
     def __init__(self, source: StateSource, label: str) -> None:
         self.source = source
         self.label = label  # for logs: "fence group-2", "gateway"
         self._listeners: list[Callable[[View], None]] = []
+        self._confirmation_listeners: list[Callable[[bool], None]] = []
+        self._told_confirmed: bool | None = None  # what they were last told
         self._view: View | None = None
         self._confirmed_at: float | None = None  # monotonic send time of the last confirming read
         self._lapsed = False  # the lease ran out (logged) and no read has confirmed since
@@ -522,6 +526,7 @@ class StateFollower:
             interval = self.source.interval(view.lease if view is not None else None)
             await sleep_or_wake(self._wake, interval)
             self._wake.clear()
+            await asyncio.sleep(MIN_READ_SPACING)  # a flood of wakes costs the API server little
 
     async def _read_after(self, asked: float) -> None:
         """Wait for a read of the source sent at or after ``asked``: one read at a time, shared
@@ -594,6 +599,23 @@ class StateFollower:
     def subscribe(self, listener: Callable[[View], None]) -> None:
         self._listeners.append(listener)
 
+    def subscribe_confirmation(self, listener: Callable[[bool], None]) -> None:
+        """``listener(confirmed)`` on every change: whether the view held is within its lease."""
+        self._confirmation_listeners.append(listener)
+
+    def _tell_confirmation(self) -> None:
+        confirmed = self.confirmed() and not self._lapsed
+        if confirmed != self._told_confirmed:
+            self._told_confirmed = confirmed
+            for listener in self._confirmation_listeners:
+                listener(confirmed)
+
+    def read_soon(self) -> None:
+        """Read the source now rather than at the next interval (a newer state is likely: a
+        fenced pod refused a write). Reads never overlap, and follow each other at most every
+        ``MIN_READ_SPACING`` seconds, however often this is called."""
+        self._wake.set()
+
     def _switch(self, view: View) -> None:
         self._view = view
         log.info(
@@ -607,6 +629,7 @@ class StateFollower:
         self._arm_expiry()
         for listener in self._listeners:
             listener(view)
+        self._tell_confirmation()
 
     def _confirm(self, sent: float) -> None:
         first = self._confirmed_at is None
@@ -624,6 +647,7 @@ class StateFollower:
             )
         self._lapsed = False
         self._arm_expiry()
+        self._tell_confirmation()
 
     def _arm_expiry(self) -> None:
         """A timer at the moment the lease runs out, so that it is logged when it happens."""
@@ -650,6 +674,7 @@ class StateFollower:
             view.lease if view is not None else 0.0,
             f" (last problem: {self._problem})" if self._problem else "",
         )
+        self._tell_confirmation()
 
     def _report(self, problem: str) -> None:
         """Log a problem once while it lasts (the reads repeat every interval)."""

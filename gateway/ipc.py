@@ -41,6 +41,7 @@ class TopologyUpdate(_Message):
     generation: int | None = None  # of the shard state the config comes from
     incoming: ShardConfig | None = None  # while a hand-off is under way: the config handed to
     every_key_moves: bool = False
+    unconfirmed: bool = False  # the supervisor's view of the shard state is past its lease
 
     @classmethod
     def of(cls, topology: Topology) -> TopologyUpdate:
@@ -55,6 +56,7 @@ class TopologyUpdate(_Message):
             generation=topology.generation,
             incoming=handoff.incoming.config if handoff is not None else None,
             every_key_moves=handoff.every_key_moves if handoff is not None else False,
+            unconfirmed=topology.unconfirmed,
         )
 
     def handoff(self) -> Handoff | None:
@@ -107,5 +109,22 @@ class MetricsReply(_Message):
     pods: list[tuple[str, str, int, int, int]]  # group, address, in flight, connections, idle
 
 
-FromWorker = Annotated[Ready | MetricsReply, Field(discriminator="op")]
+class Applied(_Message):
+    """The shard state's generation the worker routes on, and its writes in flight for keys
+    moving under it (what the hand-off's barrier asks of the replica): at each new snapshot."""
+
+    op: Literal["applied"] = "applied"
+    generation: int | None
+    moving_in_flight: int = Field(ge=0)
+
+
+class ReadState(_Message):
+    """A fenced pod refused one of the worker's writes: the supervisor should read the shard
+    state now (a newer one exists)."""
+
+    op: Literal["read_state"] = "read_state"
+
+
+FromWorkerMessage = Ready | MetricsReply | Applied | ReadState
+FromWorker = Annotated[FromWorkerMessage, Field(discriminator="op")]
 FROM_WORKER: TypeAdapter[FromWorker] = TypeAdapter(FromWorker)

@@ -14,6 +14,7 @@ from gateway.topology import Decision, GroupView, Handoff, Pod, PodState, Topolo
 __all__ = [
     "MISSING_KEY",
     "REPEATED_KEY",
+    "STATE_UNCONFIRMED",
     "Decision",
     "Refusal",
     "choose_pod",
@@ -61,6 +62,12 @@ MISSING_KEY = Refusal(400, "missing_shard_key", "a write needs the shard key hea
 REPEATED_KEY = Refusal(400, "invalid_shard_key", "the shard key header must appear once")
 NOT_READY = Refusal(503, "not_ready", "no shard config is loaded yet")
 NO_READY_POD = Refusal(503, "shard_unavailable", "no shard group has a ready pod", retry_after=1)
+STATE_UNCONFIRMED = Refusal(
+    503,
+    "shard_state_unconfirmed",
+    "the gateway could not confirm its view of the shard state within its lease; writes wait for it",
+    retry_after=1,
+)
 
 
 def shard_moving(source: str, target: str) -> Refusal:
@@ -145,6 +152,8 @@ def decide(
     if write:
         if owner is None:
             return MISSING_KEY
+        if topology.unconfirmed:
+            return STATE_UNCONFIRMED  # its view may be stale: the owner it names may not be one
         if topology.handoff is not None and raw_key is not None:  # (a write with an owner has a key)
             target = moving_to(topology.handoff, raw_key, owner.name)
             if target is not None:

@@ -9,6 +9,7 @@ only the data plane needs of a pod (its connection pool) the data plane keeps it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -128,6 +129,9 @@ class Topology:
     header_actions: dict[bytes, int] = field(default_factory=dict)
     generation: int | None = None  # the shard state's generation this snapshot routes on
     handoff: Handoff | None = None  # while the shard state is fencing
+    # The replica's view of the shard state is past its lease (no direct read confirmed it):
+    # writes are refused, 503 shard_state_unconfirmed. Stamped by the TopologyHolder.
+    unconfirmed: bool = False
 
     def describe(self, pod_stats: PodStats) -> dict[str, object]:
         """JSON-ready view for /debug/ring; ``pod_stats`` gives the data plane's view of a pod
@@ -267,11 +271,29 @@ class TopologyHolder:
         self.current: Topology | None = None
         self.swaps = 0
         self._listeners: list[Callable[[Topology], None]] = []
+        # Whether the view of the shard state is past its lease (every snapshot swapped in says
+        # so), and whether it has been confirmed since the start (readiness waits for that).
+        self.unconfirmed = False
+        self.awaiting_confirmation = False
+        self._ever_confirmed = False
+
+    def set_confirmed(self, confirmed: bool) -> None:
+        """The replica's view of the shard state is within its lease (True), or not (False:
+        the snapshot in force is swapped for one that refuses writes)."""
+        self._ever_confirmed = self._ever_confirmed or confirmed
+        self.awaiting_confirmation = not self._ever_confirmed
+        if self.unconfirmed == (not confirmed):
+            return
+        self.unconfirmed = not confirmed
+        if self.current is not None:
+            self.swap(self.current)
 
     def subscribe(self, listener: Callable[[Topology], None]) -> None:
         self._listeners.append(listener)
 
     def swap(self, topology: Topology) -> None:
+        if topology.unconfirmed != self.unconfirmed:
+            topology = dataclasses.replace(topology, unconfirmed=self.unconfirmed)
         previous = self.current
         self.current = topology
         self.swaps += 1

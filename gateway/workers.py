@@ -33,9 +33,12 @@ from gateway.control import ControlPlane
 from gateway.ipc import (
     FROM_WORKER,
     TO_WORKER,
+    Applied,
     Drain,
+    FromWorkerMessage,
     MetricsReply,
     MetricsRequest,
+    ReadState,
     Ready,
     Start,
     Stop,
@@ -45,7 +48,7 @@ from gateway.observability.logs import AccessLog, configure_logging
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import shutdown as shutdown_tracing
 from gateway.observability.tracing import tracing_from_env
-from gateway.proxy.plane import DataPlane
+from gateway.proxy.plane import BarrierReports, DataPlane
 from gateway.ring import ShardRing
 from gateway.settings import Settings, default_of
 from gateway.topology import Handoff, Pod, Topology, TopologyBuilder, TopologyHolder
@@ -60,11 +63,20 @@ SCRAPE_TIMEOUT = 2.0
 class WorkerProcess:
     """The supervisor's handle on one worker."""
 
-    def __init__(self, index: int, proc: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self,
+        index: int,
+        proc: asyncio.subprocess.Process,
+        on_applied: Callable[[], None],
+        on_read_state: Callable[[], None],
+    ) -> None:
         self.index = index
         self.proc = proc
         self.ready = False
         self.epoch: str | None = None  # the epoch it reported routing with (metrics replies)
+        self.applied: Applied | None = None  # its last report for the hand-off's barrier
+        self._on_applied = on_applied
+        self._on_read_state = on_read_state
         self.started = time.time()
         self._replies: dict[int, asyncio.Future[MetricsReply]] = {}
         self._ids = 0
@@ -112,12 +124,29 @@ class WorkerProcess:
                 continue
             if isinstance(message, Ready):
                 self.ready = True
+            elif isinstance(message, Applied):
+                self.applied = message
+                self._on_applied()
+            elif isinstance(message, ReadState):
+                self._on_read_state()
             else:
                 self.epoch = message.epoch
                 future = self._replies.get(message.id)
                 if future is not None and not future.done():
                     future.set_result(message)
         self.ready = False
+        self.applied = None  # a dead worker routes nothing and has nothing in flight
+        self._on_applied()
+
+
+def replica_report(reports: list[Applied | None]) -> tuple[int | None, int]:
+    """The replica's report for the hand-off's barrier from its workers' (None: one that has
+    not said yet): the oldest generation any of them routes on (None unless all said one), and
+    all their moving writes in flight."""
+    generations = [r.generation if r is not None else None for r in reports]
+    known = [g for g in generations if g is not None]
+    oldest = min(known) if known and len(known) == len(generations) else None
+    return oldest, sum(r.moving_in_flight for r in reports if r is not None)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -224,7 +253,7 @@ class Supervisor:
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
             limit=MESSAGE_LIMIT,
         )
-        worker = WorkerProcess(index, proc)
+        worker = WorkerProcess(index, proc, self._report_workers, self.control.read_state_soon)
         topology = self.control.current
         # The worker's settings are ours (flags included), on the port reserved for all workers.
         # It binds only once it has read this; from here on it gets every topology swapped in
@@ -234,6 +263,10 @@ class Supervisor:
         worker.send(Start(index=index, settings=settings, topology=update))
         self.workers[index] = worker
         return worker
+
+    def _report_workers(self) -> None:
+        reports = [w.applied for w in self.workers if w is not None and w.proc.returncode is None]
+        self.control.report(*replica_report(reports))
 
     def _broadcast(self, topology: Topology) -> None:
         message = TopologyUpdate.of(topology)
@@ -403,6 +436,7 @@ class TopologyUpdates:
         topology = self._builder.build(
             update.config, update.pods, ring, generation=update.generation, handoff=handoff
         )
+        self._holder.unconfirmed = update.unconfirmed  # (the supervisor's lease, stamped on it)
         self._holder.swap(topology)
 
 
@@ -421,7 +455,29 @@ class Worker:
             reuse_port=True,
             tracing=tracing_from_env(os.environ),  # OTEL_*, inherited from the supervisor
             access_log=AccessLog(settings.access_log, settings.slow_request_seconds),
+            read_state_soon=self._ask_for_state,
         )
+        self.say: Callable[[FromWorkerMessage], None] | None = None  # set once stdout is open
+        self._applied: Applied | None = None
+        self.reports = BarrierReports(self.data.moving_writes_in_flight, self.holder, self._report)
+
+    def _report(self, generation: int | None, moving_in_flight: int) -> None:
+        applied = Applied(generation=generation, moving_in_flight=moving_in_flight)
+        if applied != self._applied:
+            self._applied = applied
+            if self.say is not None:
+                self.say(applied)
+
+    def _ask_for_state(self) -> None:
+        if self.say is not None:
+            self.say(ReadState())
+
+    def talk_through(self, say: Callable[[FromWorkerMessage], None]) -> None:
+        """Messages to the supervisor go through ``say`` from now on; the last report first."""
+        self.say = say
+        say(Ready(pid=os.getpid()))
+        if self._applied is not None:
+            say(self._applied)
 
     def metrics_reply(self, ident: int) -> MetricsReply:
         topology = self.holder.current
@@ -433,7 +489,7 @@ class Worker:
             pods=[(p.group, p.address, *self.data.pod_stats(p)) for p in pods],
         )
 
-    async def serve(self, reader: asyncio.StreamReader, say: Callable[[Ready | MetricsReply], None]) -> float:
+    async def serve(self, reader: asyncio.StreamReader, say: Callable[[FromWorkerMessage], None]) -> float:
         """Handle the supervisor's messages until told to stop, SIGTERM, or the supervisor is
         gone (stdin closed); returns the grace timeout to stop with."""
         terminated = asyncio.Event()
@@ -516,10 +572,10 @@ async def worker_main() -> int:
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout)
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
-    def say(message: Ready | MetricsReply) -> None:
+    def say(message: FromWorkerMessage) -> None:
         writer.write(message.encode())
 
-    say(Ready(pid=os.getpid()))
+    worker.talk_through(say)
     grace = await worker.serve(reader, say)
     await worker.data.stop(grace)
     return 0

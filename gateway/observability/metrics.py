@@ -101,6 +101,7 @@ class Metrics:
         "upstream_retries",
         "fenced_writes_resent",
         "fenced_writes_refused",
+        "fenced_writes_held",
         "held_writes_sent",
         "held_writes_refused",
         "client_connections_open",
@@ -120,9 +121,10 @@ class Metrics:
         self.upstream_connect_failures = 0
         self.upstream_retries = 0
         # Writes a fenced pod answered 421 (never passed on): sent again to the newest owner,
-        # or answered 503 shard_moving.
+        # held for a newer view (then counted as held writes too), or answered 503 shard_moving.
         self.fenced_writes_resent = 0
         self.fenced_writes_refused = 0
+        self.fenced_writes_held = 0
         # Writes for moving keys held during a fence phase: sent once their key had an owner
         # again, or answered 503 shard_moving at handoff.hold_seconds.
         self.held_writes_sent = 0
@@ -313,12 +315,18 @@ class GatewayCollector(Collector):
         yield _by_outcome(
             "shardgate_fenced_writes",
             "Writes a fenced pod answered 421 (its handler did not run; never passed on), by what "
-            "the gateway did: resent to the owner in its newest view, or refused 503 shard_moving.",
-            {"resent": m.fenced_writes_resent, "refused": m.fenced_writes_refused},
+            "the gateway did: resent to the owner in its newest view, held for a newer one (see "
+            "shardgate_held_writes_total), or refused 503 shard_moving.",
+            {
+                "resent": m.fenced_writes_resent,
+                "held": m.fenced_writes_held,
+                "refused": m.fenced_writes_refused,
+            },
         )
         yield _by_outcome(
             "shardgate_held_writes",
-            "Writes for moving keys held during a hand-off's fence phase, by how the hold ended: "
+            "Writes for moving keys held during a hand-off's fence phase (or after a fence's 421), "
+            "by how the hold ended: "
             "sent to the key's owner on a newer view, or refused 503 shard_moving at the hold's end.",
             {"sent": m.held_writes_sent, "refused": m.held_writes_refused},
         )
@@ -400,6 +408,12 @@ class GatewayCollector(Collector):
             "1 while the shard state this replica routes on is a hand-off's fence phase (writes for"
             " moving keys refused), else 0.",
             value=int(topology.handoff is not None),
+        )
+        yield GaugeMetricFamily(
+            "shardgate_shard_state_unconfirmed",
+            "1 while no direct read has confirmed this replica's view of the shard state within"
+            " its lease (writes refused: 503 shard_state_unconfirmed), else 0.",
+            value=int(topology.unconfirmed),
         )
 
     def _pods(self) -> Iterator[Any]:

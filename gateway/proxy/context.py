@@ -7,6 +7,7 @@ periodic sweep, instead of a timer handle created and cancelled per request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.config import Limits
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from gateway.proxy.client import ClientConnection
     from gateway.proxy.exchange import Exchange
     from gateway.proxy.upstream import UpstreamConnection
+
+
+ASK_SPACING = 0.05  # seconds: the follower spaces its reads so too (gateway.fence)
 
 
 class HasDeadline(Protocol):
@@ -41,6 +45,7 @@ class ProxyContext:
         limits: Limits,
         tracing: Tracing | None = None,
         access_log: AccessLog | None = None,
+        read_state_soon: Callable[[], None] | None = None,
     ) -> None:
         self.loop = loop
         self.tracing = tracing  # None: tracing off, and free
@@ -58,6 +63,9 @@ class ProxyContext:
         # on each new topology and at the sweep, which answers those past their deadline.
         self.held: set[Exchange] = set()
         holder.subscribe(self._start_held)
+        # Asks the control plane to read the shard state now (a fenced pod knows a newer one).
+        self.read_state_soon = read_state_soon
+        self.asked_for_state = -1.0  # loop time of the last ask (a burst of 421s asks once)
         self.draining = False
         self.closing = False  # drain delay: serve, but end keep-alive after each response
         timeouts = [
@@ -110,6 +118,14 @@ class ProxyContext:
             self.held.discard(exchange)  # its client went away: nothing to answer
         else:
             exchange.start()
+
+    def ask_for_newer_view(self) -> None:
+        """A fenced pod refused a write: its view of the shard state is newer than this one.
+        The control plane reads the state at once (at most one ask per ``ASK_SPACING``)."""
+        now = self.loop.time()
+        if self.read_state_soon is not None and now - self.asked_for_state >= ASK_SPACING:
+            self.asked_for_state = now
+            self.read_state_soon()
 
     def close_idle_clients(self) -> None:
         for client in list(self.clients):

@@ -9,6 +9,8 @@ from gateway.proxy.response_head cimport connection_field, finish_head
 from gateway.proxy.sides cimport ClientSide, ResponseSink
 from gateway.proxy.upstream cimport UpstreamConnection
 
+cpdef bint moving_in_flight(Exchange exchange, handoff) except -1
+
 cdef class Exchange(ResponseSink):
     cdef public ClientSide client
     cdef public UpstreamConnection upstream
@@ -18,6 +20,7 @@ cdef class Exchange(ResponseSink):
     cdef public bytes rid, method, target
     cdef public list pending
     cdef public object key, operation, sent_body
+    cdef public str fenced_by
     cdef public Py_ssize_t pending_bytes, body_bytes
     cdef public bint chunked, keep_alive, is_write, expect_continue, resent
 
@@ -32,6 +35,7 @@ cdef class Exchange(ResponseSink):
     cpdef release(self)
     cpdef start(self)
     cpdef decide_held(self)
+    cpdef double _hold_seconds(self) except? -1
     cpdef decide_again(self)
     cpdef route_on(self, decision)
     @cython.locals(link=PodLink)

@@ -31,8 +31,8 @@ from gateway.proxy.response_head import (
     without_transfer_encoding,
 )
 from gateway.proxy.sides import ClientSide, ResponseSink
-from gateway.router import NOT_READY, Decision, Refusal, choose_pod, decide
-from gateway.topology import Pod, PodState
+from gateway.router import NOT_READY, Decision, Refusal, choose_pod, decide, moving_to
+from gateway.topology import Handoff, Pod, PodState
 
 if TYPE_CHECKING:
     from gateway.proxy.pool import PodLink
@@ -70,6 +70,7 @@ class Exchange(ResponseSink):
         "decision",
         "error",
         "expect_continue",
+        "fenced_by",
         "head",
         "held_until",
         "http10",
@@ -123,6 +124,7 @@ class Exchange(ResponseSink):
         self.sent_body: list[bytes] | None = None
         self.resent = False
         self.held_until = 0.0  # a write for a moving key, held until then (0: not held)
+        self.fenced_by = ""  # the group whose fenced pod refused it (held: not sent there again)
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -227,27 +229,33 @@ class Exchange(ResponseSink):
         self.dispatch(None)
 
     def decide_held(self) -> Refusal | None:
-        """A write held because its key is moving, decided again on the newest view: sent once
-        its key has an owner again (None, no longer held), kept held until its deadline (None,
-        still held), then refused (the refusal). Nothing of it went anywhere before this."""
+        """A write held because its key is moving (or a fenced pod refused it), decided again on
+        the newest view: sent once its key has an owner again (None, no longer held), kept held
+        until its deadline (None, still held), then refused (the refusal). It goes nowhere
+        while held, and never back to the group whose fence refused it."""
         ctx = self.client.ctx
         decision = self.decide_again()
-        if isinstance(decision, Decision):
+        if isinstance(decision, Decision) and decision.group != self.fenced_by:
             ctx.held.discard(self)
             ctx.metrics.held_writes_sent += 1
             self.held_until = 0.0
             self.route_on(decision)
             return None
-        if (
-            isinstance(decision, Refusal)
-            and decision.code == "shard_moving"
-            and ctx.loop.time() < self.held_until
-        ):
+        moving = isinstance(decision, Decision) or (
+            isinstance(decision, Refusal) and decision.code == "shard_moving"
+        )
+        if moving and ctx.loop.time() < self.held_until:
             ctx.held.add(self)
             return None
         ctx.metrics.held_writes_refused += 1
         self.held_until = 0.0
+        if isinstance(decision, Decision):  # the view still names the group that refused it
+            return fenced_refusal(self.fenced_by, None)
         return decision if isinstance(decision, Refusal) else NOT_READY
+
+    def _hold_seconds(self) -> float:
+        topology = self.client.ctx.holder.current
+        return topology.config.handoff.hold_seconds if topology is not None else 0.0
 
     def decide_again(self) -> Decision | Refusal | None:
         """Where this write may go on the gateway's newest view (None: no config loaded)."""
@@ -364,7 +372,9 @@ class Exchange(ResponseSink):
     def fenced(self) -> None:
         """The pod's fence refused the write before its handler ran: the gateway's view was
         older than the pod's. Not passed on: sent once more to the owner in the newest view
-        (when that is another group and the body was kept), or answered 503 shard_moving."""
+        when that is another group; else, while the control plane reads the shard state again,
+        held (``handoff.hold_seconds``) for a newer view to name its owner; else answered
+        503 shard_moving. Once more at most, and only with its whole body kept."""
         client = self.client
         ctx = client.ctx
         upstream, self.upstream = self.upstream, None
@@ -372,25 +382,30 @@ class Exchange(ResponseSink):
             upstream.abort()  # the rest of the 421 is of no use; the exchange is done with it
         refused_by = self.pod
         group = refused_by.group if refused_by is not None else ""
+        ctx.ask_for_newer_view()  # the pod holds a newer shard state than this view
         decision = self.decide_again()
-        if (
-            isinstance(decision, Decision)
-            and decision.is_write
-            and decision.group != group
-            and self.may_resend()
-        ):
-            ctx.metrics.fenced_writes_resent += 1
-            self.resent = True
-            self.release()
-            self.route_on(decision)
-            body, self.sent_body = self.sent_body, None
-            self.pending = body if body is not None else []
-            self.state = QUEUED
-            self.dispatch(None)
-            client.update_reading()
+        elsewhere = isinstance(decision, Decision) and decision.is_write and decision.group != group
+        hold = 0.0 if elsewhere else self._hold_seconds()
+        if not self.may_resend() or not (elsewhere or hold > 0):
+            ctx.metrics.fenced_writes_refused += 1
+            client.refuse(self, fenced_refusal(group, decision))
             return
-        ctx.metrics.fenced_writes_refused += 1
-        client.refuse(self, fenced_refusal(group, decision))
+        self.resent = True
+        self.fenced_by = group
+        self.release()
+        body, self.sent_body = self.sent_body, None
+        self.pending = body if body is not None else []
+        self.state = QUEUED
+        if elsewhere:
+            assert isinstance(decision, Decision)
+            ctx.metrics.fenced_writes_resent += 1
+            self.route_on(decision)
+            self.dispatch(None)
+        else:
+            ctx.metrics.fenced_writes_held += 1
+            self.held_until = ctx.loop.time() + hold
+            self.start()  # held until a newer view names another owner, or refused at the end
+        client.update_reading()
 
     def response_body(self, data: bytes | memoryview) -> None:
         if self.dechunker is not None:
@@ -461,6 +476,17 @@ def with_epoch(head: bytes, epoch: bytes) -> bytes:
     start = at + len(EPOCH_LINE)
     end = head.find(b"\r\n", start)
     return head[:start] + epoch + head[end:]
+
+
+def moving_in_flight(exchange: Exchange, handoff: Handoff) -> bool:
+    """Whether ``exchange`` is a write on its way to a pod (or there), decided on an earlier view,
+    whose key moves under ``handoff``: what the hand-off's barrier waits for to end."""
+    key, decision = exchange.key, exchange.decision
+    if not exchange.is_write or not CONNECTING <= exchange.state <= STREAMING:
+        return False
+    if key is None or decision is None or decision.group is None:
+        return False
+    return moving_to(handoff, key, decision.group) is not None
 
 
 def fenced_refusal(group: str, decision: Decision | Refusal | None) -> Refusal:

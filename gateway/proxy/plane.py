@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from gateway.config import Limits
 from gateway.observability.logs import AccessLog
@@ -12,9 +13,12 @@ from gateway.observability.tracing import Tracing
 from gateway.observability.tracing import shutdown as shutdown_tracing
 from gateway.proxy.client import ClientConnection
 from gateway.proxy.context import ProxyContext
-from gateway.topology import Pod, TopologyHolder
+from gateway.proxy.exchange import moving_in_flight
+from gateway.topology import Pod, Topology, TopologyHolder
 
 log = logging.getLogger("shardgate")
+
+RECOUNT_INTERVAL = 0.1  # seconds between two counts of moving writes in flight, while there are
 
 
 class DataPlane:
@@ -27,8 +31,10 @@ class DataPlane:
         reuse_port: bool = False,
         tracing: Tracing | None = None,
         access_log: AccessLog | None = None,
+        read_state_soon: Callable[[], None] | None = None,
     ) -> None:
         self._tracing = tracing
+        self._read_state_soon = read_state_soon  # a fenced pod's 421: read the shard state now
         self._access_log = access_log
         self._listen = listen
         self._limits = limits
@@ -42,7 +48,13 @@ class DataPlane:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx = ProxyContext(
-            loop, self._holder, self._metrics, self._limits, self._tracing, self._access_log
+            loop,
+            self._holder,
+            self._metrics,
+            self._limits,
+            self._tracing,
+            self._access_log,
+            self._read_state_soon,
         )
         # (ClientConnection implements asyncio.Protocol without subclassing it: compiled, it is
         # an extension type, which cannot have a Python base class.)
@@ -57,6 +69,9 @@ class DataPlane:
         self.listen_address = self._server.sockets[0].getsockname()[:2]
         self._holder.subscribe(ctx.pools.on_topology)
         ctx.start()
+
+    def moving_writes_in_flight(self) -> int:
+        return moving_writes_in_flight(self.ctx) if self.ctx is not None else 0
 
     def pod_stats(self, pod: Pod) -> tuple[int, int, int]:
         """(in-flight requests, open upstream connections, idle ones) of ``pod`` here."""
@@ -90,3 +105,43 @@ class DataPlane:
             upstream.abort()
         await ctx.stop()
         shutdown_tracing(self._tracing)  # flush the spans still queued
+
+
+def moving_writes_in_flight(ctx: ProxyContext) -> int:
+    """Writes in flight in ``ctx``, decided on an earlier view, whose key the hand-off in force
+    moves (0 outside a hand-off)."""
+    topology = ctx.holder.current
+    handoff = topology.handoff if topology is not None else None
+    if handoff is None:
+        return 0
+    return sum(
+        1 for client in ctx.clients for exchange in client.exchanges if moving_in_flight(exchange, handoff)
+    )
+
+
+class BarrierReports:
+    """What a hand-off's barrier asks of this process: the generation of the shard state it
+    routes on and how many of its writes in flight are for keys moving under it. Told to
+    ``tell`` at each new snapshot, then every ``RECOUNT_INTERVAL`` until none is left."""
+
+    def __init__(
+        self, count: Callable[[], int], holder: TopologyHolder, tell: Callable[[int | None, int], None]
+    ) -> None:
+        self._count = count  # the moving writes in flight now
+        self._holder = holder
+        self._tell = tell
+        self._recount: asyncio.TimerHandle | None = None
+        holder.subscribe(self._new_topology)
+
+    def _new_topology(self, _topology: Topology) -> None:
+        if self._recount is not None:
+            self._recount.cancel()
+        self.count()
+
+    def count(self) -> None:
+        self._recount = None
+        topology = self._holder.current
+        moving = self._count()
+        self._tell(topology.generation if topology is not None else None, moving)
+        if moving:
+            self._recount = asyncio.get_running_loop().call_later(RECOUNT_INTERVAL, self.count)

@@ -104,6 +104,14 @@ def test_the_state_configmap_is_read_watched_and_followed(
             await client.until_state(lambda s: s["generation"] == 3 and s["phase"] == "stable")
             assert (await client.write(moving)).error == "misdirected_write"
 
+            # read_soon (a gateway's answer to a fence's 421) reads the state now, not in an hour
+            def read_count() -> int:
+                return sum(1 for r in api.requests() if r.verb == "get")
+
+            before = read_count()
+            fence.follower.read_soon()
+            assert await eventually(lambda: read_count() > before)
+
     run(scenario)
 
 

@@ -482,6 +482,67 @@ def test_api_server_outage_routing_continues_and_changes_arrive_after(
 
 
 @pytest.mark.timeout(45)
+def test_a_view_past_its_lease_refuses_writes_serves_reads_and_recovers_when_confirmed(
+    api: FakeApiServer, farm: PodFarm, start_gateway: GatewayFactory
+) -> None:
+    """A replica that cannot confirm its view of the shard state for ``fence_lease_seconds``
+    refuses writes itself (its view may be stale: another replica may already route on a newer
+    one), keeps serving reads and stays ready; the first read that succeeds ends it."""
+    groups, members = three_groups(api, farm)
+    lease = 2.0
+    handoff = f"handoff: {{fence_lease_seconds: {lease}, barrier_timeout_seconds: 10}}\n"
+    put_config(api, shard_config(groups) + handoff)
+    gw = start_gateway()
+    client = Client(gw.port)
+    key = Recipe(groups).keys_of("g2", 1)[0]
+    assert wait_for(lambda: client.write(key).status == 200)
+    assert gw.metric("shardgate_shard_state_unconfirmed") == 0
+    assert gw.ring()["config"]["state_confirmed"] is True
+
+    api.set_down(True)
+    down_at = time.monotonic()
+    assert wait_for(lambda: client.write(key).status == 503), gw.log_tail()
+    assert time.monotonic() - down_at >= lease - 0.5  # (the last confirmation was just before)
+    refused = client.write(key)
+    assert (refused.status, refused.error, refused.retry_after) == (503, "shard_state_unconfirmed", "1")
+    read = client.read(key)
+    assert read.status == 200 and read.pod in members["g2"] | members["g1"] | members["g3"], read
+    assert gw.admin_status("/readyz") == 200  # reads go on: the Service keeps the replica
+    assert gw.metric("shardgate_shard_state_unconfirmed") == 1
+    assert gw.ring()["config"]["state_confirmed"] is False
+    assert "refusing writes" in gw.log_tail(80)
+
+    api.set_down(False)
+    assert wait_for(lambda: client.write(key).status == 200), gw.log_tail()
+    assert gw.metric("shardgate_shard_state_unconfirmed") == 0
+    assert gw.ring()["config"]["state_confirmed"] is True
+
+
+@pytest.mark.timeout(60)
+def test_with_workers_the_replica_reports_the_generation_its_workers_route_on(
+    api: FakeApiServer, farm: PodFarm, start_gateway: GatewayFactory
+) -> None:
+    """The hand-off's barrier reads a replica's Lease: with ``--workers`` it says the generation
+    every worker has applied (not merely the supervisor's), and follows each new one."""
+    groups, _ = three_groups(api, farm)
+    gw = start_gateway(env={"SHARDGATE_WORKERS": "2", "SHARDGATE_IDENTITY": "gw-workers"})
+
+    def reported() -> dict[str, str]:
+        lease = api.get_object("leases", NS, f"{CONFIGMAP}-replica-gw-workers") or {}
+        return dict((lease.get("metadata") or {}).get("annotations") or {})
+
+    def generation() -> int:
+        return int(gw.ring()["config"]["generation"])
+
+    first = generation()
+    assert wait_for(lambda: reported().get("shardgate.io/generation") == str(first)), reported()
+    assert reported()["shardgate.io/moving-in-flight"] == "0"
+    put_config(api, groups, reads="owner")  # moves no key: committed at once, a new generation
+    assert wait_for(lambda: generation() > first), gw.ring()["config"]
+    assert wait_for(lambda: reported().get("shardgate.io/generation") == str(generation())), reported()
+
+
+@pytest.mark.timeout(45)
 def test_injected_500s_are_retried_until_the_watches_recover(
     api: FakeApiServer, farm: PodFarm, start_gateway: GatewayFactory
 ) -> None:

@@ -18,16 +18,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from gateway.config import ShardConfig
-from gateway.ipc import FROM_WORKER, MetricsReply, MetricsRequest, Ready, Start, Stop, TopologyUpdate
+from gateway.ipc import (
+    FROM_WORKER,
+    Applied,
+    FromWorkerMessage,
+    MetricsReply,
+    MetricsRequest,
+    ReadState,
+    Ready,
+    Start,
+    Stop,
+    TopologyUpdate,
+)
 from gateway.ring import config_epoch
 from gateway.settings import Settings
 from gateway.topology import TopologyBuilder
-from gateway.workers import WorkerProcess
+from gateway.workers import WorkerProcess, replica_report
 from tests.integration.conftest import REPO_ROOT, Recipe, config_document, group_of
-from tests.lifecycle.conftest import UpstreamSet, connect_refused, one_request
-from tests.support import free_port
+from tests.lifecycle.conftest import UpstreamSet, connect_refused, one_request, wait_for
+from tests.support import BackgroundAiohttp, free_port
 
 BIG = 64  # groups: a ring that takes a good fraction of a second to build (README: ~0.14 s)
 
@@ -62,7 +74,7 @@ class PipedWorker:
         self.proc.stdin.write(b"".join(lines))
         self.proc.stdin.flush()
 
-    def next_message(self, timeout: float = 30.0) -> Ready | MetricsReply:
+    def next_message(self, timeout: float = 30.0) -> FromWorkerMessage:
         return FROM_WORKER.validate_json(self._lines.get(timeout=timeout))
 
     def metrics_request(self) -> tuple[int, bytes]:
@@ -108,9 +120,9 @@ def big_config(pod_address: str, weight_of_first: int = 1) -> ShardConfig:
     return ShardConfig.model_validate(config_document(groups))
 
 
-def start_message(port: int, config: ShardConfig) -> bytes:
+def start_message(port: int, config: ShardConfig, generation: int | None = None) -> bytes:
     settings = Settings.model_validate({"config_path": "shards.yaml", "listen": f"127.0.0.1:{port}"})
-    topology = TopologyUpdate.of(TopologyBuilder().build(config))
+    topology = TopologyUpdate.of(TopologyBuilder().build(config, generation=generation))
     return Start(index=0, settings=settings, topology=topology).encode()
 
 
@@ -178,13 +190,16 @@ def test_a_worker_logs_and_ignores_lines_that_are_not_its_messages(
 def test_the_supervisor_logs_and_ignores_lines_that_are_not_a_workers_messages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """``WorkerProcess`` reading a real process that writes junk between its messages."""
+    """``WorkerProcess`` reading a real process that writes junk between its messages; the
+    reports for the barrier and the asks for the shard state reach the supervisor's hooks."""
     script = (
         "import sys\n"
-        "sys.stdout.write('junk\\n' + '{\"op\": \"metrics\"}\\n' + sys.argv[1] + '\\n')\n"
+        "sys.stdout.write('junk\\n' + '{\"op\": \"metrics\"}\\n' + '\\n'.join(sys.argv[1:]) + '\\n')\n"
         "sys.stdout.flush()\n"
         "sys.stdin.read()\n"
     )
+    applied: list[Applied | None] = []
+    asks: list[int] = []
 
     async def scenario() -> tuple[bool, bool]:
         proc = await asyncio.create_subprocess_exec(
@@ -192,12 +207,14 @@ def test_the_supervisor_logs_and_ignores_lines_that_are_not_a_workers_messages(
             "-c",
             script,
             Ready(pid=4242).model_dump_json(),
+            Applied(generation=3, moving_in_flight=1).model_dump_json(),
+            ReadState().model_dump_json(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        worker = WorkerProcess(0, proc)
+        worker = WorkerProcess(0, proc, lambda: applied.append(worker.applied), lambda: asks.append(1))
         for _ in range(3000):
-            if worker.ready:
+            if worker.ready and asks:
                 break
             await asyncio.sleep(0.01)
         was_ready = worker.ready
@@ -213,3 +230,71 @@ def test_the_supervisor_logs_and_ignores_lines_that_are_not_a_workers_messages(
     assert not ready_after_exit
     ignored = [r for r in caplog.records if "none of ours" in r.getMessage()]
     assert len(ignored) == 2, [r.getMessage() for r in caplog.records]
+    # A dead worker routes nothing: its report is withdrawn.
+    assert applied == [Applied(generation=3, moving_in_flight=1), None]
+    assert asks == [1]
+
+
+def fenced_pod_app() -> web.Application:
+    """A pod whose fence refuses every write (as ``gateway.fence`` answers: 421 + X-Shard-Fence)."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        body = {"error": "shard_moving", "detail": "moving", "owner": None, "epoch": "e"}
+        return web.json_response(body, status=421, headers={"X-Shard-Fence": "shard_moving"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    return app
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_reports_the_generation_it_routes_on_and_asks_for_the_state_after_a_fences_421(
+    piped: PipedWorker,
+) -> None:
+    """What the supervisor needs for the hand-off's barrier (the generation each worker has
+    applied, its moving writes in flight) and for a fresh view (a fenced pod refused a write)."""
+    pod = BackgroundAiohttp(fenced_pod_app, name="fenced-pod")
+    pod_port = pod.start()
+    try:
+        config = ShardConfig.model_validate(config_document([group_of("g-a", [f"127.0.0.1:{pod_port}"])]))
+        port = free_port()
+        piped.write(start_message(port, config, generation=4))
+        assert isinstance(piped.next_message(), Ready), piped.log()
+        assert piped.next_message() == Applied(generation=4, moving_in_flight=0)
+        piped.write(TopologyUpdate.of(TopologyBuilder().build(config, generation=5)).encode())
+        assert piped.next_message() == Applied(generation=5, moving_in_flight=0)
+
+        answer = one_request(port, "POST", "/orders", "k")  # held for a newer view, then refused
+        assert answer.status == 503 and b"shard_moving" in answer.body, answer
+        assert isinstance(piped.next_message(), ReadState), piped.log()
+    finally:
+        pod.stop()
+
+
+def test_a_replica_reports_the_oldest_generation_of_its_workers_and_all_their_moving_writes() -> None:
+    def applied(generation: int | None, moving: int) -> Applied:
+        return Applied(generation=generation, moving_in_flight=moving)
+
+    assert replica_report([applied(7, 0), applied(6, 2), applied(7, 1)]) == (6, 3)
+    assert replica_report([applied(7, 0), None]) == (None, 0)  # one has not said yet
+    assert replica_report([applied(7, 1), applied(None, 0)]) == (None, 1)  # one routes on no state
+    assert replica_report([]) == (None, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_refuses_writes_while_the_supervisors_view_is_past_its_lease(
+    piped: PipedWorker, upstreams: UpstreamSet
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    config = ShardConfig.model_validate(config_document([group_of("g-a", [pod.address])]))
+    port = free_port()
+    piped.write(start_message(port, config, generation=1))
+    assert isinstance(piped.next_message(), Ready), piped.log()
+    confirmed = TopologyUpdate.of(TopologyBuilder().build(config, generation=1))
+    piped.write(confirmed.model_copy(update={"unconfirmed": True}).encode())
+    assert wait_for(lambda: one_request(port, "POST", "/orders", "k").status == 503), piped.log()
+    refused = one_request(port, "POST", "/orders", "k")
+    assert b"shard_state_unconfirmed" in refused.body and refused.header("Retry-After") == "1", refused
+    assert one_request(port, "GET", "/orders", "k").status == 200  # reads pass
+    piped.write(confirmed.encode())
+    assert wait_for(lambda: one_request(port, "POST", "/orders", "k").status == 200), piped.log()

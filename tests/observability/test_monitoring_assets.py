@@ -51,6 +51,8 @@ REQUIRED_ALERTS = {
     "ErrorBudgetBurnSlow",
     "LatencyBudgetBurnFast",
     "LatencyBudgetBurnSlow",
+    "HandoffStuck",
+    "ShardStateUnconfirmed",
 }
 
 # Grafana variables, replaced by values a real query could have, for PromQL syntax checks.

@@ -1,6 +1,8 @@
 """A fenced pod's 421 (``X-Shard-Fence``: its handler did not run) is never passed to the client:
-the write goes once more, only to its owner in the gateway's newest view, or is answered
-``503 shard_moving`` + Retry-After (docs/design/014-ownership-handoff.md, docs/contract.md).
+the gateway asks for a newer view of the shard state at once, and the write goes once more,
+only to its owner in the newest view (held up to ``handoff.hold_seconds`` for a view that names
+one), or is answered ``503 shard_moving`` + Retry-After (docs/design/014-ownership-handoff.md,
+docs/contract.md).
 
 In process: the gateway's client protocol on a fake transport, in front of real upstream
 servers on 127.0.0.1 that answer 421 the way ``gateway.fence`` does, or 200.
@@ -16,7 +18,15 @@ import pytest
 
 from gateway.config import parse_shard_config
 from gateway.topology import Topology, TopologyBuilder
-from tests.proxy.harness import KEY_HEADER, Harness, RecordedHead, RecordingUpstream, harness, responses_in
+from tests.proxy.harness import (
+    KEY_HEADER,
+    FakeTransport,
+    Harness,
+    RecordedHead,
+    RecordingUpstream,
+    harness,
+    responses_in,
+)
 
 FENCED_BODY = json.dumps({"error": "shard_moving", "detail": "moving", "owner": None, "epoch": "x"}).encode()
 
@@ -47,11 +57,16 @@ class Pod(RecordingUpstream):
         )
 
 
-def topology(group: str, pod: Pod) -> Topology:
+HOLD = 0.3  # handoff.hold_seconds of these tests' views: how long a fenced write waits
+
+
+def topology(group: str, pod: Pod, hold: float = HOLD, vnodes: int = 160) -> Topology:
     """Every key owned by ``group`` (its only group), whose one pod is ``pod``."""
     text = (
         "version: 1\n"
         f"routing: {{key_header: {KEY_HEADER}}}\n"
+        f"ring: {{vnodes: {vnodes}}}\n"
+        f"handoff: {{hold_seconds: {hold}}}\n"
         f'groups:\n  - name: {group}\n    endpoints: ["127.0.0.1:{pod.port}"]\n'
     )
     return TopologyBuilder().build(parse_shard_config(text))
@@ -69,6 +84,7 @@ class Scene:
     plane: Harness
     old: Pod  # the pod the gateway's view sends the write to: it answers 421 (or 200)
     new: Pod  # the owner in a newer view
+    asks: list[float]  # when the data plane asked the control plane to read the shard state
 
 
 @pytest.fixture
@@ -79,9 +95,13 @@ def scene() -> Iterator[Scene]:
         plane.run(old.start())
         plane.run(new.start())
         plane.holder.swap(topology("group-1", old))
+        asks: list[float] = []
+        plane.ctx.read_state_soon = lambda: asks.append(plane.loop.time())
+        plane.ctx.start()  # the sweeper ends holds at their deadline
         try:
-            yield Scene(plane, old, new)
+            yield Scene(plane, old, new, asks)
         finally:
+            plane.run(plane.ctx.stop())
             plane.run(old.stop())
             plane.run(new.stop())
 
@@ -105,14 +125,64 @@ def epoch_of(head: RecordedHead) -> bytes:
     return dict((name.lower(), value) for name, value in head.fields)[b"x-shard-epoch"]
 
 
-def test_a_fenced_421_is_answered_503_shard_moving_when_the_view_is_not_newer(scene: Scene) -> None:
+def test_a_fenced_421_asks_for_a_newer_view_and_is_held_then_answered_503_if_none_comes(
+    scene: Scene,
+) -> None:
     status, headers, body = answer_after(scene, post(b'{"n": 1}'), newer_view=False)
     assert status == 503
     assert json.loads(body)["error"] == "shard_moving"
     assert headers[b"retry-after"] == b"1"
+    assert scene.new.requests == [] and len(scene.old.requests) == 1
+    assert len(scene.asks) == 1  # the control plane was asked to read the shard state at once
+    metrics = scene.plane.metrics
+    assert (metrics.fenced_writes_held, metrics.held_writes_refused) == (1, 1)
+    assert (metrics.fenced_writes_resent, metrics.fenced_writes_refused) == (0, 0)
+
+
+def held_after_a_421(scene: Scene, request: bytes) -> FakeTransport:
+    """Send ``request``; the old pod answers 421 at once; return once the write is held."""
+    plane = scene.plane
+    client, transport = plane.connect()
+    plane.feed(client, [request])
+    scene.old.release.set()
+    plane.wait_for(lambda: plane.metrics.fenced_writes_held == 1)
+    return transport
+
+
+def only_response(scene: Scene, transport: FakeTransport) -> tuple[int, dict[bytes, bytes], bytes]:
+    scene.plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 1)
+    (response,) = responses_in(bytes(transport.written))
+    return response
+
+
+def test_a_held_fenced_write_goes_to_the_owner_a_newer_view_names(scene: Scene) -> None:
+    plane = scene.plane
+    transport = held_after_a_421(scene, post(b'{"n": 3}'))
+    assert scene.new.requests == [] and transport.written == bytearray()  # held: sent nowhere
+    plane.holder.swap(topology("group-2", scene.new))  # what the read the 421 asked for brings
+    status, headers, body = only_response(scene, transport)
+    assert (status, body, headers[b"x-shard-group"]) == (200, b"ok", b"group-2")
+    ((_, again_body),) = scene.new.requests
+    assert again_body == b'{"n": 3}'
+    assert plane.metrics.held_writes_sent == 1
+
+
+def test_a_held_fenced_write_is_never_sent_back_to_the_group_that_refused_it(scene: Scene) -> None:
+    transport = held_after_a_421(scene, post(b"{}"))
+    scene.old.status = 200  # (it would accept it now: it must not get it)
+    scene.plane.holder.swap(topology("group-1", scene.old, vnodes=150))  # a newer view, same owner
+    status, _, body = only_response(scene, transport)
+    assert status == 503 and json.loads(body)["error"] == "shard_moving"
+    assert len(scene.old.requests) == 1
+
+
+def test_a_fenced_421_is_answered_503_at_once_when_nothing_is_held(scene: Scene) -> None:
+    scene.plane.holder.swap(topology("group-1", scene.old, hold=0))
+    status, headers, body = answer_after(scene, post(b"{}"), newer_view=False)
+    assert (status, json.loads(body)["error"], headers[b"retry-after"]) == (503, "shard_moving", b"1")
+    metrics = scene.plane.metrics
+    assert (metrics.fenced_writes_refused, metrics.fenced_writes_held) == (1, 0)
     assert scene.new.requests == []
-    assert scene.plane.metrics.fenced_writes_refused == 1
-    assert scene.plane.metrics.fenced_writes_resent == 0
 
 
 def test_a_fenced_421_sends_the_write_once_more_to_the_owner_in_the_newest_view(scene: Scene) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from gateway.config import parse_shard_config
+from gateway.proxy.plane import BarrierReports, moving_writes_in_flight
 from gateway.topology import Handoff, Topology, TopologyBuilder
 from tests.proxy.harness import KEY_HEADER, Harness, harness, responses_in
 from tests.proxy.test_fenced_writes import Pod, epoch_of, post
@@ -135,3 +136,35 @@ async def _a_few_loop_turns() -> None:
 
     for _ in range(20):
         await asyncio.sleep(0)
+
+
+def test_a_write_sent_before_the_fence_phase_is_a_moving_write_in_flight_until_answered() -> None:
+    """What the replica reports to the hand-off's barrier: the generation it routes on, and its
+    writes in flight (decided on the view before) whose key the fence phase moves."""
+    with harness() as plane:
+        old, new = Pod(), Pod()  # the old owner answers only when released
+        new.release.set()
+        plane.run(old.start())
+        plane.run(new.start())
+        committed = topology("group-2", new, 30.0, generation=3)
+        plane.holder.swap(topology("group-1", old, 30.0, generation=1))
+        reports: list[tuple[int | None, int]] = []
+        BarrierReports(
+            lambda: moving_writes_in_flight(plane.ctx), plane.holder, lambda g, n: reports.append((g, n))
+        )
+        client, transport = plane.connect()
+        plane.feed(client, [post(b"{}")])
+        plane.wait_for(lambda: len(old.requests) == 1)
+        fencing = topology("group-1", old, 30.0, generation=2, handoff_to=committed)
+
+        async def swap() -> None:  # (on the loop, as the control plane swaps)
+            plane.holder.swap(fencing)
+
+        plane.run(swap())
+        assert reports == [(2, 1)]
+        old.release.set()
+        plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 1)
+        plane.wait_for(lambda: reports[-1] == (2, 0))  # counted again until none is left
+        assert set(reports) == {(2, 1), (2, 0)}
+        plane.run(old.stop())
+        plane.run(new.stop())
