@@ -10,14 +10,19 @@ processes, each with its own token; 4 groups named at first, group-5 only later)
 alone in an EndpointSlice of its group's Service; a load process (``tests.handoff.load``)
 sending ``--rate`` writes/s over ``--users`` users round robin through the replicas.
 
-Fenced (``fenced_sequence``): add group-5 with replica 1 cut off from the API server in its
-fence phase; remove group-4 with its pod group-4-a cut off for 5 s and replica 2 restarted in
-the fence phase; reweight group-3; then reweight group-5 (pod group-3-a SIGSTOPped for 3 s in
-its fence phase) and, 5 s after it, add group-4 back. Each change waits for the hand-off to end
-(stable state with the desired config), except the last pair. Immediate (``immediate_sequence``,
-the negative control): ``handoff: {mode: immediate}``, four changes, no faults.
+Fenced (``fenced_sequence``): add group-5 with replica 1 cut off from the API server for 4 s
+in its fence phase; remove group-4 with its pod group-4-a cut off for 5 s and replica 2
+restarted in the fence phase; reweight group-3 with the leader SIGKILLed in its fence phase
+(another replica takes the leader Lease over and commits; the killed one is started again with
+its identity); then reweight group-5 (pod group-3-a SIGSTOPped for 3 s in its fence phase) and,
+5 s after it, add group-4 back. Each change waits for the hand-off to end (stable state with the
+desired config), except the last pair. Immediate (``immediate_sequence``, the negative
+control): ``handoff: {mode: immediate}``, four changes, no faults.
 
-The report (JSON) judges the run on the backends' records and the client's (``check``).
+The report (JSON) judges the run on the backends' records and the client's (``check``). The
+requests the client had in flight on a killed replica, or sent to it before it was taken out of
+rotation, get no HTTP answer: they are counted apart (``killed_replica_connection_errors``) and
+are the only requests left out of criteria 3 and 4 (``Outage``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from typing import Any
 
 import yaml
 
+from gateway.coordination.registry import report_of
 from gateway.fence import STATE_PATH
+from gateway.handoff import Report
 from gateway.shardstate import ShardState, state_configmap_name
 from tests.k8s.apiserver import FakeApiServer, endpoint, port
 from tests.k8s.conftest import CONFIGMAP, NS, REPO_ROOT, GatewayFactory, GatewayProcess, Group, Recipe
@@ -50,6 +57,7 @@ from tests.k8s.conftest import shard_config as base_shard_config
 from tests.support import wait_until
 
 STATE_CONFIGMAP = state_configmap_name(CONFIGMAP)
+LEADER_LEASE = f"{CONFIGMAP}-leader"  # coordination.k8s.io: the replica that drives hand-offs
 WATCH_DELAYS = (0.0, 2.5, 5.0)  # per gateway replica
 # Per group: (watch delay, seconds between the fence's confirmation reads) of its pods. The pods
 # of group-1 and group-2 lag (as pods on a slow node would; still well inside their lease):
@@ -60,6 +68,13 @@ LEASE = 8.0  # fence_lease_seconds: a silent participant costs 2 x 8 + 2.08 s
 BARRIER_TIMEOUT = 40.0
 HOLD = 2.0
 POD_CUT = 5.0  # seconds a backend pod is cut off from the API server
+# Seconds replica 1 is cut off from the API server: below its own view lease (LEASE), past which
+# it would refuse every write (503 shard_state_unconfirmed), unmoved users' too. Its last
+# confirming read may be one confirmation interval (min(LEASE / 6, 10 s) = 1.33 s) old when the
+# cut begins and its first read after the heal up to one interval late, so the cut must stay
+# below LEASE - 2 x 1.33 = 5.3 s; 4 s leaves more than a second for the reads themselves.
+REPLICA_CUT = 4.0
+TAKEOVER_TIMEOUT = 40.0  # the leader Lease (15 s) runs out and another candidate takes it by then
 POD_PAUSE = 3.0  # seconds a backend pod is SIGSTOPped
 SETTLE_TIMEOUT = 90.0  # a hand-off (even one waiting out a silent participant) ends by then
 ALL_GROUPS = ("group-1", "group-2", "group-3", "group-4", "group-5")
@@ -132,6 +147,32 @@ class Replica:
     gateway: GatewayProcess
 
 
+@dataclass(frozen=True)
+class Outage:
+    """Replica ``replica`` SIGKILLed at ``killed_at`` and out of the load's rotation from
+    ``out_of_rotation_at`` (``time.monotonic()``). What the client had in flight on it then, and
+    what it sent to it meanwhile, got no HTTP answer (status -1): requests lost with the
+    process, as they are behind an Ingress until the pod's readiness fails. Only those are
+    left out of the criteria on answers."""
+
+    replica: int
+    identity: str
+    killed_at: float
+    out_of_rotation_at: float
+
+    def hit(self, row: dict[str, Any]) -> bool:
+        """The request was in flight on the replica when it was killed (by the client's clock,
+        which sees an answer a moment late), or sent to it after."""
+        return bool(
+            row["replica"] == self.replica
+            and row["end"] >= self.killed_at
+            and row["start"] <= self.out_of_rotation_at
+        )
+
+    def lost(self, row: dict[str, Any]) -> bool:
+        return row["status"] == -1 and self.hit(row)
+
+
 @dataclass
 class StateSeen:
     at: float  # time.monotonic() when the harness saw it
@@ -149,6 +190,8 @@ class Scene:
     replicas: list[Replica] = field(default_factory=list)
     states: list[StateSeen] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    outages: list[Outage] = field(default_factory=list)
+    failover: dict[str, Any] = field(default_factory=dict)  # the leader failover's figures
     factory: GatewayFactory | None = None
     load: subprocess.Popen[bytes] | None = None
     control_seq: int = 0
@@ -241,11 +284,30 @@ class Scene:
 
     def restart_replica(self, index: int) -> None:
         """Out of rotation (nothing in flight on it), stopped, started again with its identity."""
-        assert self.factory is not None
         self.control(down={index})
+        self.replicas[index].gateway.stop()
+        self.start_again(index)
+
+    def kill_replica(self, index: int) -> Outage:
+        """SIGKILL (no drain, nothing released: a crash, a lost node), then out of the load's
+        rotation at once, as an Ingress takes a pod out whose readiness fails."""
+        assert self.factory is not None
+        gateway = self.replicas[index].gateway
+        killed_at = time.monotonic()  # before the signal: every request it breaks ends after
+        gateway.proc.kill()
+        gateway.proc.wait(10)
+        self.factory.started.remove(gateway)  # (not "died during the test": killed on purpose)
+        self.control(down={index})  # returns once nothing is in flight on it
+        outage = Outage(index, self.replicas[index].identity, killed_at, time.monotonic())
+        self.outages.append(outage)
+        return outage
+
+    def start_again(self, index: int) -> None:
+        """Replica ``index`` (stopped or killed) started again with its identity, in rotation."""
+        assert self.factory is not None
         old = self.replicas[index]
-        old.gateway.stop()
-        self.factory.started.remove(old.gateway)
+        if old.gateway in self.factory.started:
+            self.factory.started.remove(old.gateway)
         self.replicas[index] = self.start_replica(index)
         self.control(down=set())
 
@@ -272,6 +334,22 @@ class Scene:
 
         if not wait_until(drained, 30, 0.02):
             raise RuntimeError("the load process did not take the replica out of rotation")
+
+    # -- the Leases -----------------------------------------------------------------------------
+
+    def leader_holder(self) -> str | None:
+        """The holder of the leader Lease, as the API server has it (None: none, or released)."""
+        lease = self.api.get_object("leases", NS, LEADER_LEASE) or {}
+        holder = (lease.get("spec") or {}).get("holderIdentity")
+        return str(holder) if holder else None
+
+    def replica_report(self, identity: str) -> Report:
+        """What replica ``identity``'s Lease reports, as the leader's barrier reads it."""
+        lease = self.api.get_object("leases", NS, f"{CONFIGMAP}-replica-{identity}") or {}
+        return report_of((lease.get("metadata") or {}).get("annotations") or {})
+
+    def index_of(self, identity: str) -> int:
+        return next(r.index for r in self.replicas if r.identity == identity)
 
     # -- the shard state ----------------------------------------------------------------------
 
@@ -445,20 +523,36 @@ def pause_until(moment: float) -> None:
     wait_until(lambda: time.monotonic() >= moment, max(0.0, moment - time.monotonic()) + 1.0, 0.02)
 
 
+def cut_off_for(scene: Scene, token: str, seconds: float, who: str) -> threading.Timer:
+    """Cut client ``token`` off from the API server now, and heal it ``seconds`` later: on time,
+    whatever the sequence does meanwhile (a restart, a wait). Join the timer returned."""
+    scene.api.cut_off(token)
+    scene.event(f"fault: {who} cut off from the API server", seconds=seconds, phase=scene.phase())
+
+    def reconnect() -> None:
+        scene.api.cut_off(token, cut=False)
+        scene.event(f"{who} reconnected", phase=scene.phase())
+
+    heal = threading.Timer(seconds, reconnect)
+    heal.start()
+    return heal
+
+
 def fenced_sequence(scene: Scene, weights: dict[str, int]) -> None:
     # 1. Add group-5 (its pods serve already). Replica 1 cut off from the API server as soon as
-    # the fence phase is written: with its 2.5 s watch delay it has not seen it, so the barrier
-    # can count it only as silent (2 leases + margin).
+    # the fence phase is written, for REPLICA_CUT seconds (below its own lease: its unmoved
+    # users see nothing). With its 2.5 s watch delay it has not seen the fence phase, and while
+    # cut off it cannot report it, so the barrier waits for it to come back and report.
     g = scene.generation()
     weights = {**weights, "group-5": 1}
     desired = scene.put_config(weights)
     scene.event("change: add group-5")
+    heal = None
     if scene.wait_fencing(g):
-        scene.api.cut_off(scene.replicas[1].token)
-        scene.event("fault: replica 1 cut off from the API server")
+        heal = cut_off_for(scene, scene.replicas[1].token, REPLICA_CUT, "replica 1")
     scene.wait_stable(desired)
-    scene.api.cut_off(scene.replicas[1].token, cut=False)
-    scene.event("replica 1 reconnected", generation=scene.generation())
+    if heal is not None:
+        heal.join()
     scene.wait_replicas_at(scene.generation())
 
     # 2. Remove group-4. Its pod group-4-a is cut off from the API server just before (for
@@ -466,16 +560,7 @@ def fenced_sequence(scene: Scene, weights: dict[str, int]) -> None:
     # not run out and its users see nothing), so the barrier waits for it; meanwhile replica 2
     # is restarted (out of rotation, stopped, started again with its identity).
     g = scene.generation()
-    victim = scene.backends["group-4-a"]
-    scene.api.cut_off(victim.token)
-    scene.event("fault: pod group-4-a cut off from the API server")
-
-    def reconnect() -> None:
-        scene.api.cut_off(victim.token, cut=False)
-        scene.event("pod group-4-a reconnected", phase=scene.phase())
-
-    heal = threading.Timer(POD_CUT, reconnect)  # on time, whatever the restart below takes
-    heal.start()
+    heal = cut_off_for(scene, scene.backends["group-4-a"].token, POD_CUT, "pod group-4-a")
     weights = {k: v for k, v in weights.items() if k != "group-4"}
     desired = scene.put_config(weights)
     scene.event("change: remove group-4")
@@ -487,11 +572,14 @@ def fenced_sequence(scene: Scene, weights: dict[str, int]) -> None:
     scene.wait_stable(desired)
     scene.wait_replicas_at(scene.generation())
 
-    # 3. Reweight group-3 (every other group loses keys to it).
+    # 3. Reweight group-3 (every other group loses keys to it). The leader dies in the fence
+    # phase (``leader_failover``): another replica takes its Lease over and commits.
     g = scene.generation()
     weights = {**weights, "group-3": 2}
     desired = scene.put_config(weights)
     scene.event("change: reweight group-3 to 2")
+    if scene.wait_fencing(g):
+        leader_failover(scene, desired)
     scene.wait_stable(desired)
     scene.wait_replicas_at(scene.generation())
 
@@ -518,6 +606,74 @@ def fenced_sequence(scene: Scene, weights: dict[str, int]) -> None:
     scene.event("change: add group-4 back (5 s after the previous one)", phase=scene.phase())
     scene.wait_stable(desired)
     scene.wait_replicas_at(scene.generation())
+
+
+def leader_failover(scene: Scene, desired: str) -> None:
+    """The fence phase is written: SIGKILL the replica holding the leader Lease (it cannot
+    release it, so the others wait it out: 15 s); wait for another replica to take it over;
+    start the killed one again with its identity (kept down until then, or it would simply take
+    its own Lease back); the hand-off must be committed by the new leader, and the restarted
+    replica report the committed generation. The figures go to ``scene.failover``.
+
+    The new leader's barrier runs from its own T_f. The killed replica's Lease stays behind
+    with its last report: if that did not show the fence phase with nothing moving in flight,
+    the barrier waits for the restarted replica's report (it reads the state before it serves),
+    or else for T_f + 2 x LEASE + margin (33 to 38 s after the kill: inside the 40 s deadline)."""
+    fencing = scene.generation()
+    killed = scene.leader_holder()
+    if killed is None:
+        raise RuntimeError("nobody holds the leader Lease in the fence phase")
+    index = scene.index_of(killed)
+    outage = scene.kill_replica(index)
+    # Its Lease's last report: what the new leader's barrier reads until it is up again.
+    last = scene.replica_report(killed)
+    reported = {"generation": last.generation, "moving_in_flight": last.moving_in_flight}
+    scene.event(f"fault: leader {killed} (replica {index}) SIGKILLed", phase=scene.phase(), reported=reported)
+    if not wait_until(lambda: scene.leader_holder() not in (None, killed), TAKEOVER_TIMEOUT, 0.05):
+        raise RuntimeError(f"no replica took the leader Lease over within {TAKEOVER_TIMEOUT}s")
+    leader, took_over_at = scene.leader_holder(), time.monotonic()
+    scene.event(
+        f"leader Lease taken over by {leader}",
+        after_seconds=round(took_over_at - outage.killed_at, 2),
+        phase=scene.phase(),
+    )
+    scene.start_again(index)
+    up_at = time.monotonic()
+    scene.event(f"replica {index} ({killed}) up again", phase=scene.phase())
+    state = scene.wait_stable(desired)
+    committed_at = next(s.at for s in scene.states if s.state.generation == state.generation)
+    if state.leader is None or state.leader == killed:
+        raise RuntimeError(f"the hand-off was committed by {state.leader}, not by a new leader")
+    new_leader = scene.replicas[scene.index_of(state.leader)].gateway
+    held_by = new_leader.ring()["config"]["handoff"].get("barrier_held_by")
+    scene.event(f"committed by {state.leader}", generation=state.generation, barrier_held_by=held_by)
+    generation = state.generation
+    if not wait_until(lambda: (scene.replica_report(killed).generation or 0) >= generation, 30, 0.1):
+        raise RuntimeError(f"{killed}, started again, did not report generation {generation}")
+    scene.event(f"{killed} reports generation {generation}")
+    scene.failover = {
+        "generation": fencing,
+        "killed": killed,
+        "killed_last_report": reported,
+        "leader_lease_taken_over_by": leader,
+        "takeover_seconds_after_kill": round(took_over_at - outage.killed_at, 2),
+        "committed_by": state.leader,
+        "restarted_replica_ready_seconds_after_kill": round(up_at - outage.killed_at, 2),
+        "committed_seconds_after_kill": round(committed_at - outage.killed_at, 2),
+        "barrier_held_by": held_by,
+        "barrier_counted_the_killed_replica": counted_how(last, fencing, held_by),
+        "out_of_rotation_seconds_after_kill": round(outage.out_of_rotation_at - outage.killed_at, 3),
+    }
+
+
+def counted_how(last: Report, fencing: int, held_by: str | None) -> str:
+    """How the new leader's barrier can have counted the killed replica, from its last report
+    before the kill and how the barrier held."""
+    if held_by != "reports":
+        return "silent deadline (2 x lease + margin)"
+    if (last.generation or 0) >= fencing and last.moving_in_flight == 0:
+        return "by its last report before the kill"
+    return "by the report of the restarted replica"
 
 
 def immediate_sequence(scene: Scene, weights: dict[str, int]) -> None:
@@ -576,7 +732,11 @@ def dedupe(items: Iterable[str]) -> list[str]:
 
 
 def check(
-    client: list[dict[str, Any]], accepted: list[dict[str, Any]], states: Sequence[StateSeen], users: int
+    client: list[dict[str, Any]],
+    accepted: list[dict[str, Any]],
+    states: Sequence[StateSeen],
+    users: int,
+    outages: Sequence[Outage] = (),
 ) -> dict[str, Any]:
     names = [f"user-{i:04d}" for i in range(users)]
     sequence, moving = owners_by_state(states, names)
@@ -610,8 +770,10 @@ def check(
                 violations.append({"criterion": 2, "user": user, "observed": observed, "expected": expected})
 
     # 3. Users whose owner never changed see no error; 4. moving users: 200 or 503 shard_moving
-    # with Retry-After; no other 5xx, no 421.
+    # with Retry-After; no other 5xx, no 421. A request lost with a killed replica (no answer,
+    # sent to it from before its kill until it was out of rotation) is counted apart instead.
     errors: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
     steady_errors = moving_bad = 0
     refused_moving = 0
     for row in client:
@@ -619,6 +781,9 @@ def check(
         if status == 200:
             continue
         errors[f"{status} {code}"] += 1
+        if any(outage.lost(row) for outage in outages):
+            lost[f"replica {row['replica']}: {code}"] += 1
+            continue
         is_moving_refusal = status == 503 and code == "shard_moving" and bool(row.get("retry_after"))
         refused_moving += is_moving_refusal
         if row["user"] not in moving:
@@ -669,6 +834,22 @@ def check(
         "shard_moving_503": refused_moving,
         "status_421": sum(1 for r in client if r["status"] == 421),
         "errors_by_status_code": dict(errors),
+        "killed_replica_connection_errors": {
+            # Requests with no answer, left out of criteria 3 and 4 (only these).
+            "count": sum(lost.values()),
+            "by_replica_and_error": dict(lost),
+            # All the requests of the outages' windows: the others were answered (before the
+            # kill: the client saw it a moment after) and are judged as every other request.
+            "in_flight_at_a_kill_or_sent_after": sum(1 for r in client if any(o.hit(r) for o in outages)),
+            "outages": [
+                {
+                    "replica": o.replica,
+                    "identity": o.identity,
+                    "out_of_rotation_seconds_after_kill": round(o.out_of_rotation_at - o.killed_at, 3),
+                }
+                for o in outages
+            ],
+        },
         "owner_configs_in_force": len(sequence),
         "violation_counts": counts,
         "violations_total": sum(counts.values()),
@@ -713,12 +894,13 @@ def run(mode: str, rate: float = 500.0, users: int = 2000, directory: Path | Non
         figures = scene.gateway_figures()
         client = scene.stop_load()
         accepted = [row for b in scene.backends.values() for row in read_jsonl(b.records)]
-        report = check(client, accepted, scene.states, users)
+        report = check(client, accepted, scene.states, users, scene.outages)
         report.update(
             {
                 "mode": mode,
                 "handoff_config": handoff_section(mode),
                 "handoffs": handoff_durations(scene.states),
+                "leader_failover": scene.failover,
                 "states": [
                     {
                         "generation": s.state.generation,

@@ -10,7 +10,8 @@ ones not marked down. The control file (JSON ``{"seq", "ports", "down"}``) is re
 flight per replica) to ``--ack`` whenever it changes, so the harness can wait until a replica
 it took out of rotation has nothing in flight (what a Service does before a pod is stopped).
 Every request is one JSON line of ``--out`` on SIGTERM: ``{"rid", "user", "replica", "status",
-"code", "retry_after", "group", "start", "end"}`` (status -1: no HTTP answer).
+"code", "retry_after", "group", "start", "end"}`` (status -1: no HTTP answer, a replica refused
+or broke the connection: ``code`` names the exception).
 """
 
 from __future__ import annotations

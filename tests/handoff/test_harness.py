@@ -1,6 +1,7 @@
 """Issue 14, "How it must be shown": the hand-off harness (``tests.handoff.harness``) run in both
-modes. Fenced: every pass criterion holds. Immediate (the negative control): the same scene
-with every change switched at once shows overlapping writes, so the detector is known to work.
+modes. Fenced: every pass criterion holds, and a hand-off whose leader is killed is committed by
+another replica. Immediate (the negative control): the same scene with every change switched at
+once shows overlapping writes, so the detector is known to work.
 
 Each run takes about a minute (fenced) or half a minute (immediate) on a 2-core machine; the
 report of each is printed (``-s``) and written beside the test's temporary directory.
@@ -34,6 +35,9 @@ def test_a_fenced_hand_off_under_load_and_faults_meets_every_criterion(tmp_path:
     assert all(h["outcome"].startswith("committed") for h in report["handoffs"]), report["handoffs"]
     assert report["violations_total"] == 0, (report["violation_counts"], report["violations"][:10])
     assert report["status_421"] == 0
+    # The leader died in a fence phase: another replica took over and committed it.
+    failover = report["leader_failover"]
+    assert failover.get("committed_by") not in (None, failover.get("killed")), failover
 
 
 def test_the_negative_control_an_immediate_switch_shows_overlapping_writes(tmp_path: Path) -> None:
