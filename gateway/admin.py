@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from gateway import build
 from gateway.observability.metrics import GatewayCollector, Metrics, WatchView
 from gateway.router import MISSING_KEY, REPEATED_KEY, Refusal, owner_group
-from gateway.topology import PodStats, TopologyHolder, unpooled_stats
+from gateway.topology import PodHealthView, PodStats, TopologyHolder, no_health, unpooled_stats
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -39,6 +39,7 @@ class AdminApp:
         workers_ready: Callable[[], str | None] = lambda: None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
         pod_stats: PodStats = unpooled_stats,
+        pod_health: PodHealthView = no_health,
         extra_debug: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._holder = holder
@@ -48,9 +49,12 @@ class AdminApp:
         self._before_scrape = before_scrape
         self._extra_debug = extra_debug
         self._pod_stats = pod_stats
+        self._pod_health = pod_health
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        self.registry.register(GatewayCollector(metrics, lambda: holder.current, watches, pod_stats))
+        self.registry.register(
+            GatewayCollector(metrics, lambda: holder.current, watches, pod_stats, pod_health)
+        )
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -93,7 +97,7 @@ class AdminApp:
         if topology is None:
             data.update({"epoch": None, "groups": [], "ring": None})
         else:
-            data.update(topology.describe(self._pod_stats))
+            data.update(topology.describe(self._pod_stats, self._pod_health))
         return _json(data)
 
     async def debug_route(self, request: web.Request) -> web.Response:

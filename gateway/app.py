@@ -65,6 +65,7 @@ class Gateway:
             control.describe_source,
             control.watches,
             pod_stats=self.data.pod_stats,
+            pod_health=self.data.pod_health,
         )
         try:
             self._admin = await AdminServer.start(admin, self.settings.admin_listen)

@@ -97,12 +97,48 @@ class RingConfig(_Strict):
     vnodes: Annotated[int, Field(ge=1, le=4096, strict=True)] = 160
 
 
+class PassiveHealthConfig(_Strict):
+    """Outlier ejection from what requests meet (docs/contract.md "Health"): a connect failure,
+    reset or timeout ejects a pod; so does a run of ``consecutive_5xx`` 5xx answers, but never
+    the group's last usable pod. An ejection lasts ``base_ejection`` seconds times the pod's
+    ejections so far, up to ``max_ejection``, plus up to 10% jitter; then one trial request."""
+
+    enabled: bool = True  # false: no pod is ever ejected (every request meets what it meets)
+    consecutive_5xx: Annotated[int, Field(ge=1, le=1000, strict=True)] = 5
+    base_ejection: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_ejection: Annotated[float, Field(gt=0, le=86400)] = 300.0
+
+    @model_validator(mode="after")
+    def _cap_above_base(self) -> PassiveHealthConfig:
+        if self.max_ejection < self.base_ejection:
+            raise ValueError("max_ejection must be at least base_ejection")
+        return self
+
+
+class PassiveHealthOverride(_Strict):
+    """A group's changes to the passive health settings (the rest comes from ``health``)."""
+
+    enabled: bool | None = None
+    consecutive_5xx: Annotated[int, Field(ge=1, le=1000, strict=True)] | None = None
+    base_ejection: Annotated[float, Field(gt=0, le=3600)] | None = None
+    max_ejection: Annotated[float, Field(gt=0, le=86400)] | None = None
+
+
+class HealthConfig(_Strict):
+    passive: PassiveHealthConfig = PassiveHealthConfig()
+
+
+class GroupHealthConfig(_Strict):
+    passive: PassiveHealthOverride = PassiveHealthOverride()
+
+
 class GroupConfig(_Strict):
     name: str
     weight: Annotated[int, Field(ge=1, le=1000, strict=True)] = 1
     service: str | None = None
     port: int | str | None = None
     endpoints: tuple[str, ...] | None = None
+    health: GroupHealthConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -201,7 +237,28 @@ class ShardConfig(_Strict):
     routing: RoutingConfig = RoutingConfig()
     ring: RingConfig = RingConfig()
     handoff: HandoffConfig = HandoffConfig()
+    # None (left out): the defaults, and an epoch the same as before the section existed.
+    health: HealthConfig | None = None
     groups: tuple[GroupConfig, ...]
+
+    def passive_health(self, group: GroupConfig) -> PassiveHealthConfig:
+        """The passive health settings of ``group``: its own changes over the config's."""
+        base = self.health.passive if self.health is not None else PassiveHealthConfig()
+        override = group.health.passive if group.health is not None else None
+        if override is None:
+            return base
+        changes = override.model_dump(exclude_none=True)
+        try:
+            return PassiveHealthConfig.model_validate({**base.model_dump(), **changes})
+        except ValidationError as exc:  # (checked at load: see _group_health)
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"group {group.name!r}: health.passive: {reason}") from exc
+
+    @model_validator(mode="after")
+    def _group_health(self) -> ShardConfig:
+        for group in self.groups:
+            self.passive_health(group)  # a group's changes must make valid settings with the rest
+        return self
 
     @field_validator("groups")
     @classmethod

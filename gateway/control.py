@@ -91,6 +91,7 @@ class ControlPlane:
         follower = self.source.follower
         if follower is not None:
             # Past its lease the replica refuses writes itself (its view may be stale).
+            self.holder.expect_confirmation()
             follower.subscribe_confirmation(self.holder.set_confirmed)
 
     def describe_source(self) -> dict[str, object]:
@@ -103,7 +104,8 @@ class ControlPlane:
         if follower is not None:
             at = follower.confirmed_at
             # Past the lease this replica refuses writes (503 shard_state_unconfirmed).
-            data["state_confirmed"] = not self.holder.unconfirmed
+            holder = self.holder
+            data["state_confirmed"] = not (holder.unconfirmed or holder.awaiting_confirmation)
             data["state_confirmed_age"] = round(time.monotonic() - at, 3) if at is not None else None
         data["handoff"] = self.coordinator.describe()
         return data

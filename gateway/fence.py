@@ -459,6 +459,10 @@ class StateFollower:
         self._told_confirmed: bool | None = None  # what they were last told
         self._view: View | None = None
         self._confirmed_at: float | None = None  # monotonic send time of the last confirming read
+        # The lease the view held is judged by: its own once a direct read confirmed it; for a
+        # view only the watch brought, the longer of its own and the one before (a commit that
+        # lowered the lease does not lapse a view a read confirmed a moment ago).
+        self._lease = 0.0
         self._lapsed = False  # the lease ran out (logged) and no read has confirmed since
         self._problem: str | None = None  # the last problem logged, so a lasting one logs once
         self._started = False  # set at once by start(), so that two concurrent starts start once
@@ -517,7 +521,7 @@ class StateFollower:
         view, at = self._view, self._confirmed_at
         if view is None or at is None:
             return False
-        return (time.monotonic() if now is None else now) - at <= view.lease
+        return (time.monotonic() if now is None else now) - at <= self._lease
 
     async def _confirm_loop(self) -> None:
         while True:
@@ -526,7 +530,10 @@ class StateFollower:
             interval = self.source.interval(view.lease if view is not None else None)
             await sleep_or_wake(self._wake, interval)
             self._wake.clear()
-            await asyncio.sleep(MIN_READ_SPACING)  # a flood of wakes costs the API server little
+            # What bounds the reads to one per MIN_READ_SPACING plus a round trip, however many
+            # wakes come (a burst of 421s at the gateways); it delays by as much the GET that
+            # confirms a view the watch brought.
+            await asyncio.sleep(MIN_READ_SPACING)
 
     async def _read_after(self, asked: float) -> None:
         """Wait for a read of the source sent at or after ``asked``: one read at a time, shared
@@ -590,7 +597,7 @@ class StateFollower:
                 except StateError as exc:
                     self._report(f"{self.source.name}: {exc}; keeping generation {self._generation()}")
                     return
-                self._switch(view)
+                self._switch(view, direct=sent is not None)
                 if sent is None:
                     self._wake.set()  # confirm the new view with a direct read now
             if sent is not None:
@@ -616,8 +623,11 @@ class StateFollower:
         ``MIN_READ_SPACING`` seconds, however often this is called."""
         self._wake.set()
 
-    def _switch(self, view: View) -> None:
+    def _switch(self, view: View, direct: bool) -> None:
+        """``view`` is the newest; from a direct read (``direct``: confirmed right after, and
+        told then) or from the watch (it confirms nothing, and may come with a shorter lease)."""
         self._view = view
+        self._lease = view.lease if direct else max(self._lease, view.lease)
         log.info(
             "%s: applied shard state generation %d (%s, epoch %s, next epoch %s)",
             self.label,
@@ -629,12 +639,15 @@ class StateFollower:
         self._arm_expiry()
         for listener in self._listeners:
             listener(view)
-        self._tell_confirmation()
+        if not direct:
+            self._tell_confirmation()
 
     def _confirm(self, sent: float) -> None:
         first = self._confirmed_at is None
         if self._confirmed_at is None or sent > self._confirmed_at:
             self._confirmed_at = sent
+        if self._view is not None:
+            self._lease = self._view.lease  # the view in hand, confirmed: judged by its own lease
         self._problem = None
         if not self.confirmed():
             return  # the read took longer than the lease: it confirms nothing now
@@ -657,7 +670,7 @@ class StateFollower:
         view, at = self._view, self._confirmed_at
         if view is None or at is None or self._lapsed:
             return
-        delay = at + view.lease - time.monotonic() + _EXPIRY_SLACK
+        delay = at + self._lease - time.monotonic() + _EXPIRY_SLACK
         self._expiry = asyncio.get_running_loop().call_later(max(delay, 0.0), self._expired)
 
     def _expired(self) -> None:
@@ -666,12 +679,11 @@ class StateFollower:
             self._arm_expiry()
             return
         self._lapsed = True
-        view = self._view
         log.warning(
             "%s: shard state not confirmed for %.1fs (lease %.1fs): refusing writes%s",
             self.label,
             time.monotonic() - (self._confirmed_at or 0.0),
-            view.lease if view is not None else 0.0,
+            self._lease,
             f" (last problem: {self._problem})" if self._problem else "",
         )
         self._tell_confirmation()

@@ -107,6 +107,8 @@ class MetricsReply(_Message):
     epoch: str | None  # of the snapshot the worker routes with
     data: dict[str, Any]  # Metrics.snapshot()
     pods: list[tuple[str, str, int, int, int]]  # group, address, in flight, connections, idle
+    # "GROUP ADDRESS" -> "ejected" | "trial": the pods its passive health does not trust now
+    health: dict[str, str] = Field(default_factory=dict)
 
 
 class Applied(_Message):

@@ -184,7 +184,7 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
     count = len(candidates)
     if count == 1:
         pod = candidates[0]
-        return None if pod is exclude or pod.state is not _READY else pod
+        return None if pod is exclude or pod.state is not _READY or pod.ejected else pod
     if exclude is not None or count == 0:
         candidates = tuple(p for p in candidates if p is not exclude and p.eligible)
         count = len(candidates)
@@ -200,9 +200,9 @@ def choose_pod(candidates: tuple[Pod, ...], exclude: Pod | None = None) -> Pod |
         if j >= i:
             j += 1
         first, second = candidates[i], candidates[j]
-    # A pod may have left the eligible set after this snapshot was taken (drain): skip it.
-    first_ok = first.state is _READY
-    second_ok = second.state is _READY
+    # A pod may have left the eligible set after this snapshot was taken (drain, ejection).
+    first_ok = first.state is _READY and not first.ejected
+    second_ok = second.state is _READY and not second.ejected
     if not (first_ok and second_ok):
         if first_ok or second_ok:
             return first if first_ok else second

@@ -40,7 +40,18 @@ class DiscoveredPod:
 class Pod:
     """A pod address inside one group. Identity: (group, host, port)."""
 
-    __slots__ = ("address", "group", "host", "inflight", "name", "port", "requests", "state")
+    __slots__ = (
+        "address",
+        "ejected",
+        "group",
+        "host",
+        "inflight",
+        "name",
+        "port",
+        "requests",
+        "state",
+        "trial",
+    )
 
     def __init__(self, group: str, host: str, port: int) -> None:
         self.group = group
@@ -51,10 +62,15 @@ class Pod:
         self.state = PodState.READY
         self.inflight = 0  # requests being proxied to this pod now
         self.requests = 0  # requests ever sent (for debug and tests)
+        # Passive health (gateway.proxy.health): ejected pods get no new request; a pod on
+        # trial gets one (and is ejected meanwhile, so that it gets only one).
+        self.ejected = False
+        self.trial = False
 
     @property
     def eligible(self) -> bool:
-        return self.state is PodState.READY
+        """Whether it may take a new request: ready, and not ejected."""
+        return self.state is PodState.READY and not self.ejected
 
     def __repr__(self) -> str:
         return f"Pod({self.group}, {self.address}, {self.state})"
@@ -62,6 +78,24 @@ class Pod:
 
 # The data plane's view of a pod: (in-flight requests, open upstream connections, idle ones).
 PodStats = Callable[[Pod], tuple[int, int, int]]
+
+
+# The data plane's view of a pod's passive health, for /debug/ring (gateway.proxy.health).
+PodHealthView = Callable[[Pod], dict[str, object]]
+
+
+HEALTHY, EJECTED, TRIAL = "healthy", "ejected", "trial"
+
+
+def health_of(pod: Pod) -> str:
+    """What passive health makes of the pod now (a pod on trial with its trial request under
+    way is ``ejected`` meanwhile too, but says ``trial``)."""
+    return TRIAL if pod.trial else EJECTED if pod.ejected else HEALTHY
+
+
+def no_health(pod: Pod) -> dict[str, object]:
+    """Where no data plane runs, or no record of it is kept: what the Pod itself says."""
+    return {"health": health_of(pod)}
 
 
 def unpooled_stats(pod: Pod) -> tuple[int, int, int]:
@@ -133,9 +167,10 @@ class Topology:
     # writes are refused, 503 shard_state_unconfirmed. Stamped by the TopologyHolder.
     unconfirmed: bool = False
 
-    def describe(self, pod_stats: PodStats) -> dict[str, object]:
+    def describe(self, pod_stats: PodStats, pod_health: PodHealthView = no_health) -> dict[str, object]:
         """JSON-ready view for /debug/ring; ``pod_stats`` gives the data plane's view of a pod
-        (in-flight requests, open upstream connections, idle ones)."""
+        (in-flight requests, open upstream connections, idle ones), ``pod_health`` its passive
+        health (gateway.proxy.health)."""
         shares = self.ring.share_by_group()
         return {
             "epoch": self.epoch,
@@ -148,7 +183,7 @@ class Topology:
                     "weight": g.weight,
                     "source": g.source,
                     "ready_pods": len(g.ready),
-                    "pods": [_describe_pod(p, pod_stats(p)) for p in g.pods],
+                    "pods": [{**_describe_pod(p, pod_stats(p)), **pod_health(p)} for p in g.pods],
                 }
                 for g in self.groups.values()
             ],
@@ -272,21 +307,28 @@ class TopologyHolder:
         self.swaps = 0
         self._listeners: list[Callable[[Topology], None]] = []
         # Whether the view of the shard state is past its lease (every snapshot swapped in says
-        # so), and whether it has been confirmed since the start (readiness waits for that).
+        # so), and whether its first confirmation is still awaited (readiness waits for it).
         self.unconfirmed = False
         self.awaiting_confirmation = False
-        self._ever_confirmed = False
+
+    def expect_confirmation(self) -> None:
+        """A shard state is followed: not ready until a direct read first confirms a view."""
+        self.awaiting_confirmation = True
 
     def set_confirmed(self, confirmed: bool) -> None:
         """The replica's view of the shard state is within its lease (True), or not (False:
         the snapshot in force is swapped for one that refuses writes)."""
-        self._ever_confirmed = self._ever_confirmed or confirmed
-        self.awaiting_confirmation = not self._ever_confirmed
-        if self.unconfirmed == (not confirmed):
-            return
-        self.unconfirmed = not confirmed
-        if self.current is not None:
-            self.swap(self.current)
+        if confirmed:
+            self.awaiting_confirmation = False
+        if self.unconfirmed != (not confirmed):
+            self.note_unconfirmed(not confirmed)
+            if self.current is not None:
+                self.swap(self.current)
+
+    def note_unconfirmed(self, unconfirmed: bool) -> None:
+        """Set the flag the next snapshot swapped in is stamped with (a worker: the supervisor
+        says so with each topology)."""
+        self.unconfirmed = unconfirmed
 
     def subscribe(self, listener: Callable[[Topology], None]) -> None:
         self._listeners.append(listener)

@@ -51,7 +51,17 @@ from gateway.observability.tracing import tracing_from_env
 from gateway.proxy.plane import BarrierReports, DataPlane
 from gateway.ring import ShardRing
 from gateway.settings import Settings, default_of
-from gateway.topology import Handoff, Pod, Topology, TopologyBuilder, TopologyHolder
+from gateway.topology import (
+    EJECTED,
+    HEALTHY,
+    TRIAL,
+    Handoff,
+    Pod,
+    Topology,
+    TopologyBuilder,
+    TopologyHolder,
+    health_of,
+)
 
 log = logging.getLogger("shardgate.workers")
 
@@ -166,6 +176,7 @@ class Supervisor:
         self._port_reservation: socket.socket | None = None
         self._listen = settings.listen
         self._pod_stats: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._pod_health: dict[tuple[str, str], list[str]] = {}  # what the workers distrust
         self._last_counters: dict[int, dict[str, Any]] = {}  # worker index -> last snapshot
         self._retired = Metrics()  # counters of workers that died, still part of the sums
         self._monitors: list[asyncio.Task[None]] = []
@@ -187,6 +198,7 @@ class Supervisor:
             workers_ready=self._not_ready_reason,
             before_scrape=self._gather_metrics,
             pod_stats=lambda pod: self._pod_stats.get((pod.group, pod.address), (0, 0, 0)),
+            pod_health=self._health_of,
             extra_debug=lambda: {"workers": self._describe_workers()},
         )
         self._admin = await AdminServer.start(admin, self.settings.admin_listen)
@@ -305,7 +317,24 @@ class Supervisor:
                     before[2] + stats[2],
                 )
         self._pod_stats = pod_stats
+        pod_health: dict[tuple[str, str], list[str]] = {}
+        for reply in replies:
+            for key, health in (reply.health if reply is not None else {}).items():
+                group, address = key.split(" ", 1)
+                pod_health.setdefault((group, address), []).append(health)
+        self._pod_health = pod_health
         self.metrics.workers_ready = sum(1 for w in self.workers if w is not None and w.ready)
+
+    def _health_of(self, pod: Pod) -> dict[str, object]:
+        """A pod's passive health as the workers saw it at the last scrape: ``ejected`` if one
+        of them ejected it (each ejects on what its own requests meet), with how many did."""
+        seen = self._pod_health.get((pod.group, pod.address), [])
+        health = EJECTED if EJECTED in seen else TRIAL if TRIAL in seen else HEALTHY
+        return {
+            "health": health,
+            "workers_ejected": seen.count(EJECTED),
+            "workers_on_trial": seen.count(TRIAL),
+        }
 
     def _describe_workers(self) -> list[dict[str, object]]:
         return [
@@ -383,6 +412,7 @@ class TopologyUpdates:
         self._holder = holder
         self._waiting: TopologyUpdate | None = None
         self._building: asyncio.Task[None] | None = None
+        self._applied: TopologyUpdate | None = None  # the last one swapped in
         self.rings_built_off_loop = 0
 
     @property
@@ -390,6 +420,14 @@ class TopologyUpdates:
         return self._building is not None
 
     def submit(self, update: TopologyUpdate) -> None:
+        applied = self._applied
+        if self._building is None and applied is not None and update.unconfirmed != applied.unconfirmed:
+            if update == applied.model_copy(update={"unconfirmed": update.unconfirmed}):
+                # Only the supervisor's lease changed: at once, without building anything
+                # (during a hand-off even a quick update rebuilds the incoming ring).
+                self._applied = update
+                self._holder.set_confirmed(not update.unconfirmed)
+                return
         quick = not self._builder.needs_ring(update.config) and update.incoming is None
         if self._building is None and quick:
             self._swap(update, None)
@@ -436,8 +474,9 @@ class TopologyUpdates:
         topology = self._builder.build(
             update.config, update.pods, ring, generation=update.generation, handoff=handoff
         )
-        self._holder.unconfirmed = update.unconfirmed  # (the supervisor's lease, stamped on it)
+        self._holder.note_unconfirmed(update.unconfirmed)  # the supervisor's lease, stamped on it
         self._holder.swap(topology)
+        self._applied = update
 
 
 class Worker:
@@ -487,6 +526,7 @@ class Worker:
             epoch=topology.epoch if topology else None,
             data=self.metrics.snapshot(),
             pods=[(p.group, p.address, *self.data.pod_stats(p)) for p in pods],
+            health={f"{p.group} {p.address}": health_of(p) for p in pods if health_of(p) != HEALTHY},
         )
 
     async def serve(self, reader: asyncio.StreamReader, say: Callable[[FromWorkerMessage], None]) -> float:

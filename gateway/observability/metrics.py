@@ -23,7 +23,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway.topology import PodState, PodStats, Topology, unpooled_stats
+from gateway.topology import (
+    EJECTED,
+    HEALTHY,
+    TRIAL,
+    PodHealthView,
+    PodState,
+    PodStats,
+    Topology,
+    no_health,
+    unpooled_stats,
+)
 
 # Seconds. Dense at the low end, where a proxy's own latency lives.
 DURATION_BOUNDS: tuple[float, ...] = (
@@ -117,6 +127,7 @@ class Metrics:
         self._response_headers: dict[str, Histogram] = {}
         self.loop_lag = Histogram(LAG_BOUNDS)
         self.refusals: dict[str, int] = {}
+        self.ejections: dict[str, int] = {}  # "GROUP REASON" -> pods ejected (gateway.proxy.health)
         self.upstream_connects = 0
         self.upstream_connect_failures = 0
         self.upstream_retries = 0
@@ -167,6 +178,10 @@ class Metrics:
     def refused(self, reason: str) -> None:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
+    def ejected(self, group: str, reason: str) -> None:
+        key = f"{group} {reason}"  # (a group name has no space)
+        self.ejections[key] = self.ejections.get(key, 0) + 1
+
     # -- control plane ------------------------------------------------------------------------
 
     def handoff_ended(self, outcome: str, seconds: float) -> None:
@@ -189,6 +204,7 @@ class Metrics:
             "response_headers": {g: h.dump() for g, h in self._response_headers.items()},
             "loop_lag": self.loop_lag.dump(),
             "refusals": dict(self.refusals),
+            "ejections": dict(self.ejections),
             "counters": {name: getattr(self, name) for name in self._SUMMED},
         }
 
@@ -200,6 +216,7 @@ class Metrics:
         self._response_headers.clear()
         self.loop_lag = Histogram(LAG_BOUNDS)
         self.refusals.clear()
+        self.ejections.clear()
         for name in self._SUMMED:
             setattr(self, name, 0)
 
@@ -216,6 +233,8 @@ class Metrics:
         self.loop_lag.add(snapshot["loop_lag"])
         for reason, value in snapshot["refusals"].items():
             self.refusals[reason] = self.refusals.get(reason, 0) + value
+        for key, value in snapshot.get("ejections", {}).items():
+            self.ejections[key] = self.ejections.get(key, 0) + value
         for name, value in snapshot["counters"].items():
             setattr(self, name, getattr(self, name) + value)
 
@@ -235,9 +254,11 @@ class GatewayCollector(Collector):
         topology: Callable[[], Topology | None],
         watches: Callable[[], Iterable[WatchView]] = tuple,
         pod_stats: PodStats = unpooled_stats,
+        pod_health: PodHealthView = no_health,
     ) -> None:
         self._metrics = metrics
         self._topology = topology
+        self._pod_health = pod_health
         self._watches = watches
         self._pod_stats = pod_stats
 
@@ -268,6 +289,15 @@ class GatewayCollector(Collector):
             duration.add_metric([group, kind], *stats.duration.family_value())
         yield requests
         yield duration
+        ejections = CounterMetricFamily(
+            "shardgate_pod_ejections",
+            "Pods ejected by passive health checks (no new request until the ejection ends), by"
+            " group and reason: connect_failure, connect_timeout, reset, timeout, consecutive_5xx.",
+            labels=["group", "reason"],
+        )
+        for key, value in sorted(m.ejections.items()):
+            ejections.add_metric(key.split(" ", 1), value)
+        yield ejections
         refusals = CounterMetricFamily(
             "shardgate_refusals",
             "Requests the gateway answered itself with an error, by reason (the error code).",
@@ -431,7 +461,18 @@ class GatewayCollector(Collector):
             "Open upstream connections per pod, idle (pooled) or busy.",
             labels=["group", "pod", "state"],
         )
+        health = GaugeMetricFamily(
+            "shardgate_group_pods_by_health",
+            "Pods per group by passive health: healthy, ejected (no new request), trial (one"
+            " request decides). With --workers a pod one worker ejected counts as ejected.",
+            labels=["group", "health"],
+        )
         for group in topology.groups.values():
+            by_health = dict.fromkeys((HEALTHY, EJECTED, TRIAL), 0)
+            for pod in group.pods:
+                by_health[str(self._pod_health(pod)["health"])] += 1
+            for name, value in by_health.items():
+                health.add_metric([group.name, name], value)
             states = dict.fromkeys((PodState.READY, PodState.NOT_READY, PodState.TERMINATING), 0)
             for pod in group.pods:
                 if pod.state in states:
@@ -445,6 +486,7 @@ class GatewayCollector(Collector):
         yield pods
         yield inflight
         yield connections
+        yield health
 
     def _discovery(self) -> Iterator[Any]:
         watches = list(self._watches())

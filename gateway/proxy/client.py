@@ -116,7 +116,9 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
             upstream, exchange.upstream = exchange.upstream, None
             if upstream is not None:
                 upstream.abort()  # mid-exchange: its response can no longer be delivered
-            if exchange.started and exchange.state != DONE:
+            if exchange.held_until:
+                ctx.held.discard(exchange)  # a held write (queued again after a fence's 421 too)
+            if (exchange.started or exchange.held_until) and exchange.state != DONE:
                 exchange.state = DONE
                 record(ctx, exchange, CLIENT_CLOSED, ctx.loop.time(), self.peer)
 

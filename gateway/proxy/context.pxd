@@ -3,7 +3,7 @@
 
 cdef class ProxyContext:
     cdef public object loop, tracing, access_log, holder, metrics, limits, next_id, pools, _sweeper
-    cdef public object read_state_soon
+    cdef public object read_state_soon, health
     cdef public double asked_for_state
     cdef public Py_ssize_t body_limit_digits
     cdef public set clients, upstreams, held

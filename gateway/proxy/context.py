@@ -14,6 +14,7 @@ from gateway.config import Limits
 from gateway.observability.logs import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import Tracing
+from gateway.proxy.health import Outliers
 from gateway.proxy.http import RequestIds
 from gateway.proxy.pool import Pools
 from gateway.topology import TopologyHolder
@@ -24,7 +25,10 @@ if TYPE_CHECKING:
     from gateway.proxy.upstream import UpstreamConnection
 
 
-ASK_SPACING = 0.05  # seconds: the follower spaces its reads so too (gateway.fence)
+# Seconds between two asks for the shard state. An ask dropped inside this window loses
+# nothing: the follower waits MIN_READ_SPACING (the same 50 ms) after each wake before it
+# reads, so the read the first ask caused is sent after every 421 of the window arrived.
+ASK_SPACING = 0.05
 
 
 class HasDeadline(Protocol):
@@ -57,6 +61,8 @@ class ProxyContext:
         self.body_limit_digits = len(str(limits.max_body_bytes))
         self.next_id = iter(RequestIds())  # next(ctx.next_id): a new request id, made in C
         self.pools = Pools(metrics)
+        self.health = Outliers(loop, holder, metrics)  # passive health: which pods are ejected
+        holder.subscribe(self._forget_removed_pods)
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         # Writes for moving keys held during a fence phase (Exchange.decide_held): started again
@@ -108,6 +114,9 @@ class ProxyContext:
         if self.held:
             for exchange in [e for e in self.held if e.held_until <= now]:
                 self._start_one_held(exchange)
+
+    def _forget_removed_pods(self, _topology: object) -> None:
+        self.health.forget_removed()
 
     def _start_held(self, _topology: object) -> None:
         for exchange in list(self.held):

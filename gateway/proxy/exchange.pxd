@@ -21,6 +21,7 @@ cdef class Exchange(ResponseSink):
     cdef public list pending
     cdef public object key, operation, sent_body
     cdef public str fenced_by
+    cdef public long fenced_generation
     cdef public Py_ssize_t pending_bytes, body_bytes
     cdef public bint chunked, keep_alive, is_write, expect_continue, resent
 
@@ -35,14 +36,17 @@ cdef class Exchange(ResponseSink):
     cpdef release(self)
     cpdef start(self)
     cpdef decide_held(self)
+    cpdef long _view_generation(self) except? -1
     cpdef double _hold_seconds(self) except? -1
     cpdef decide_again(self)
     cpdef route_on(self, decision)
     @cython.locals(link=PodLink)
     cpdef dispatch(self, exclude)
+    cpdef _read_elsewhere(self, exclude)
     cpdef send_on(self, UpstreamConnection conn, double now)
     # ResponseSink
     cpdef response_head(self, bytes kept, int status, framing, body, bytes group)
+    cpdef _pod_answered(self, pod, int status, bytes kept)
     cpdef fenced(self)
     cpdef response_body(self, data)
     cpdef response_complete(self, double now)

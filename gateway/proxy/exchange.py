@@ -5,12 +5,15 @@ An ``Exchange`` is created when a request head begins and lives until its respon
 
     PARSING -> QUEUED -> CONNECTING -> SENT -> STREAMING -> DONE
                   \\________________________________________/  (refused: QUEUED -> DONE)
+                  ^______________________________/  (a fence's 421: SENT -> QUEUED, held or
+                                                      sent on to another group, once)
 
 It alone decides whether it may be tried again (``may_retry``): before any byte reached a pod,
 always once; after that, only a bodiless idempotent read, never a write (DESIGN invariant 4) --
 but for the one case where the pod itself guarantees its handler did not run: a fenced pod's
 ``421`` (``X-Shard-Fence``, docs/design/014-ownership-handoff.md), which is never passed on. The
-write goes once more, only to its owner in the gateway's newest view, or is answered
+write goes once more, only to an owner other than the refusing group in the gateway's newest
+view (held up to ``handoff.hold_seconds`` for a view that names one), or is answered
 ``503 shard_moving``.
 ``bind``/``release`` are the one place a request is tied to a pod (its in-flight count).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gateway.proxy.health import CONNECT_FAILURE, CONNECT_TIMEOUT, RESET, TIMEOUT
 from gateway.proxy.response_head import (
     Dechunker,
     Framing,
@@ -71,6 +75,7 @@ class Exchange(ResponseSink):
         "error",
         "expect_continue",
         "fenced_by",
+        "fenced_generation",
         "head",
         "held_until",
         "http10",
@@ -124,7 +129,10 @@ class Exchange(ResponseSink):
         self.sent_body: list[bytes] | None = None
         self.resent = False
         self.held_until = 0.0  # a write for a moving key, held until then (0: not held)
-        self.fenced_by = ""  # the group whose fenced pod refused it (held: not sent there again)
+        # The group whose fenced pod refused it, and the generation of the view it had been
+        # decided on: held, it goes back there only on a newer view (a rollback, say).
+        self.fenced_by = ""
+        self.fenced_generation = 0
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -200,12 +208,16 @@ class Exchange(ResponseSink):
         self.attempts += 1
         pod.inflight += 1
         pod.requests += 1
+        if pod.trial:
+            self.client.ctx.health.trial_started(pod)  # the one request it gets until answered
         self.pod = self.served_by = pod
 
     def release(self) -> None:
         pod = self.pod
         if pod is not None:
             pod.inflight -= 1
+            if pod.trial:
+                self.client.ctx.health.trial_abandoned(pod)  # unanswered: the next one tries
             self.pod = None
 
     # -- sending ------------------------------------------------------------------------------
@@ -235,7 +247,9 @@ class Exchange(ResponseSink):
         while held, and never back to the group whose fence refused it."""
         ctx = self.client.ctx
         decision = self.decide_again()
-        if isinstance(decision, Decision) and decision.group != self.fenced_by:
+        if isinstance(decision, Decision) and (
+            decision.group != self.fenced_by or self._view_generation() > self.fenced_generation
+        ):
             ctx.held.discard(self)
             ctx.metrics.held_writes_sent += 1
             self.held_until = 0.0
@@ -252,6 +266,10 @@ class Exchange(ResponseSink):
         if isinstance(decision, Decision):  # the view still names the group that refused it
             return fenced_refusal(self.fenced_by, None)
         return decision if isinstance(decision, Refusal) else NOT_READY
+
+    def _view_generation(self) -> int:
+        topology = self.client.ctx.holder.current
+        return (topology.generation or 0) if topology is not None else 0
 
     def _hold_seconds(self) -> float:
         topology = self.client.ctx.holder.current
@@ -277,11 +295,17 @@ class Exchange(ResponseSink):
         decision = self.decision
         assert decision is not None
         pod = choose_pod(decision.candidates, exclude)
+        if pod is None and not decision.is_write:
+            pod = self._read_elsewhere(exclude)
         if pod is None and exclude is not None and exclude.state is _READY:
             pod = exclude  # a one-pod group: a fresh connection to the same pod is the retry
         if pod is None:
             group = decision.group
-            detail = f"shard group {group} has no ready pod" if group else "no ready pod"
+            detail = (
+                f"shard group {group} has no usable pod (none ready, or all ejected)"
+                if group
+                else "no usable pod"
+            )
             self.client.refuse(self, Refusal(503, "shard_unavailable", detail, 1, group))
             return
         self.bind(pod)
@@ -294,6 +318,17 @@ class Exchange(ResponseSink):
             self.send_on(conn, now)
         else:
             ctx.loop.create_task(self._connect(link))
+
+    def _read_elsewhere(self, exclude: Pod | None) -> Pod | None:
+        """A read whose allowed set has no usable pod left (all ejected) goes to any other
+        usable pod, unless ``reads: owner`` keeps it in its owner group. Never a write."""
+        topology = self.client.ctx.holder.current
+        if topology is None or topology.reads == "owner" or self.decision is topology.any_read:
+            return None
+        pod = choose_pod(topology.any_read.candidates, exclude)
+        if pod is not None:
+            self.decision = topology.any_read
+        return pod
 
     async def _connect(self, link: PodLink) -> None:
         ctx = self.client.ctx
@@ -310,6 +345,7 @@ class Exchange(ResponseSink):
         self.send_on(conn, ctx.loop.time())
 
     def _connect_failed(self, pod: Pod, timed_out: bool) -> None:
+        self.client.ctx.health.failed(pod, CONNECT_TIMEOUT if timed_out else CONNECT_FAILURE)
         if self.attempts < MAX_ATTEMPTS:
             # Nothing reached the pod (the body is still in ``pending``): safe to try another.
             self.client.ctx.metrics.upstream_retries += 1
@@ -350,6 +386,8 @@ class Exchange(ResponseSink):
     ) -> None:
         """The upstream's head, hop-by-hop fields already out (and the body bytes after it);
         ``group``: the serving pod's, for X-Shard-Group."""
+        if self.pod is not None:
+            self._pod_answered(self.pod, status, kept)
         if status == 421 and self.is_write and FENCE_FIELD in kept.lower():
             self.fenced()
             return
@@ -369,6 +407,12 @@ class Exchange(ResponseSink):
             if body:
                 self.dechunker.feed(body)
 
+    def _pod_answered(self, pod: Pod, status: int, kept: bytes) -> None:
+        """Tell passive health what the pod answered. A fence's own answers (its 421s, its
+        503 shard_state_unconfirmed: ``X-Shard-Fence``) say the pod works: never a failure."""
+        server_error = status >= 500 and FENCE_FIELD not in kept.lower()
+        self.client.ctx.health.answered(pod, server_error)
+
     def fenced(self) -> None:
         """The pod's fence refused the write before its handler ran: the gateway's view was
         older than the pod's. Not passed on: sent once more to the owner in the newest view
@@ -385,13 +429,18 @@ class Exchange(ResponseSink):
         ctx.ask_for_newer_view()  # the pod holds a newer shard state than this view
         decision = self.decide_again()
         elsewhere = isinstance(decision, Decision) and decision.is_write and decision.group != group
-        hold = 0.0 if elsewhere else self._hold_seconds()
+        # Held only while a newer view may yet name another owner: the view names the group
+        # that refused it, or the key is moving. (Any other refusal is answered at once.)
+        waiting = isinstance(decision, Decision) or (
+            isinstance(decision, Refusal) and decision.code == "shard_moving"
+        )
+        hold = self._hold_seconds() if waiting and not elsewhere else 0.0
         if not self.may_resend() or not (elsewhere or hold > 0):
             ctx.metrics.fenced_writes_refused += 1
             client.refuse(self, fenced_refusal(group, decision))
             return
         self.resent = True
-        self.fenced_by = group
+        self.fenced_by, self.fenced_generation = group, self._view_generation()
         self.release()
         body, self.sent_body = self.sent_body, None
         self.pending = body if body is not None else []
@@ -433,6 +482,9 @@ class Exchange(ResponseSink):
             else:
                 self.client.abort(self)  # the client must see a truncated response, never a fake end
             return
+        if not reused_connection and self.pod is not None:
+            # (A kept-alive connection closed under a request says nothing about its pod.)
+            self.client.ctx.health.failed(self.pod, RESET)
         if self.may_retry():
             self.client.ctx.metrics.upstream_retries += 1
             pod = self.pod
@@ -451,6 +503,8 @@ class Exchange(ResponseSink):
         self._upstream_failed(INTERNAL_ERROR)
 
     def upstream_timeout(self) -> None:
+        if self.state != STREAMING and self.pod is not None:
+            self.client.ctx.health.failed(self.pod, TIMEOUT)  # no answer in time
         self._upstream_failed(UPSTREAM_TIMEOUT)
 
     def _upstream_failed(self, refusal: Refusal) -> None:
@@ -479,10 +533,12 @@ def with_epoch(head: bytes, epoch: bytes) -> bytes:
 
 
 def moving_in_flight(exchange: Exchange, handoff: Handoff) -> bool:
-    """Whether ``exchange`` is a write on its way to a pod (or there), decided on an earlier view,
-    whose key moves under ``handoff``: what the hand-off's barrier waits for to end."""
+    """Whether ``exchange`` is a write whose key moves under ``handoff``, decided on an earlier
+    view and on its way to a pod (or there, or waiting its turn behind a pipelined request):
+    what the hand-off's barrier waits for to end. (A write decided on the view in force is held
+    or refused instead, so having a decision for a moving key means an earlier view's.)"""
     key, decision = exchange.key, exchange.decision
-    if not exchange.is_write or not CONNECTING <= exchange.state <= STREAMING:
+    if not exchange.is_write or exchange.held_until or not QUEUED <= exchange.state <= STREAMING:
         return False
     if key is None or decision is None or decision.group is None:
         return False

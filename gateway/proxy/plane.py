@@ -14,7 +14,7 @@ from gateway.observability.tracing import shutdown as shutdown_tracing
 from gateway.proxy.client import ClientConnection
 from gateway.proxy.context import ProxyContext
 from gateway.proxy.exchange import moving_in_flight
-from gateway.topology import Pod, Topology, TopologyHolder
+from gateway.topology import Pod, Topology, TopologyHolder, no_health
 
 log = logging.getLogger("shardgate")
 
@@ -73,6 +73,10 @@ class DataPlane:
     def moving_writes_in_flight(self) -> int:
         return moving_writes_in_flight(self.ctx) if self.ctx is not None else 0
 
+    def pod_health(self, pod: Pod) -> dict[str, object]:
+        """The pod's passive health here (for /debug/ring)."""
+        return self.ctx.health.describe(pod) if self.ctx is not None else no_health(pod)
+
     def pod_stats(self, pod: Pod) -> tuple[int, int, int]:
         """(in-flight requests, open upstream connections, idle ones) of ``pod`` here."""
         return self.ctx.pools.stats(pod) if self.ctx is not None else (pod.inflight, 0, 0)
@@ -122,12 +126,17 @@ def moving_writes_in_flight(ctx: ProxyContext) -> int:
 class BarrierReports:
     """What a hand-off's barrier asks of this process: the generation of the shard state it
     routes on and how many of its writes in flight are for keys moving under it. Told to
-    ``tell`` at each new snapshot, then every ``RECOUNT_INTERVAL`` until none is left."""
+    ``tell`` at each new snapshot and when the last of those writes ends (counted every
+    ``RECOUNT_INTERVAL`` until then): the barrier waits for none, not for a number, so the
+    counts in between are not worth a Lease update each."""
 
     def __init__(
-        self, count: Callable[[], int], holder: TopologyHolder, tell: Callable[[int | None, int], None]
+        self,
+        moving_now: Callable[[], int],
+        holder: TopologyHolder,
+        tell: Callable[[int | None, int], None],
     ) -> None:
-        self._count = count  # the moving writes in flight now
+        self._moving_now = moving_now
         self._holder = holder
         self._tell = tell
         self._recount: asyncio.TimerHandle | None = None
@@ -136,12 +145,19 @@ class BarrierReports:
     def _new_topology(self, _topology: Topology) -> None:
         if self._recount is not None:
             self._recount.cancel()
-        self.count()
+        self.report_now()
 
-    def count(self) -> None:
+    def report_now(self) -> None:
         self._recount = None
         topology = self._holder.current
-        moving = self._count()
+        moving = self._moving_now()
         self._tell(topology.generation if topology is not None else None, moving)
         if moving:
-            self._recount = asyncio.get_running_loop().call_later(RECOUNT_INTERVAL, self.count)
+            self._recount = asyncio.get_running_loop().call_later(RECOUNT_INTERVAL, self._recount_moving)
+
+    def _recount_moving(self) -> None:
+        self._recount = None
+        if self._moving_now() == 0:
+            self.report_now()  # the last one ended
+        else:
+            self._recount = asyncio.get_running_loop().call_later(RECOUNT_INTERVAL, self._recount_moving)

@@ -100,14 +100,18 @@ def test_the_state_configmap_is_read_watched_and_followed(
             put_state(api, stable(1, config_text()))  # an older generation: ignored
             state = await client.state(generation=3)
             assert (state["generation"], state["phase"]) == (2, "fencing")
-            put_state(api, stable(3, config_text(GROWN)))
-            await client.until_state(lambda s: s["generation"] == 3 and s["phase"] == "stable")
-            assert (await client.write(moving)).error == "misdirected_write"
 
-            # read_soon (a gateway's answer to a fence's 421) reads the state now, not in an hour
             def read_count() -> int:
                 return sum(1 for r in api.requests() if r.verb == "get")
 
+            before_three = read_count()
+            put_state(api, stable(3, config_text(GROWN)))
+            await client.until_state(lambda s: s["generation"] == 3 and s["phase"] == "stable")
+            assert (await client.write(moving)).error == "misdirected_write"
+            assert await eventually(lambda: read_count() > before_three)  # the GET it triggers
+
+            # read_soon (a gateway's answer to a fence's 421) reads the state now, not in an
+            # hour: with the watch's GET done, no other read is due
             before = read_count()
             fence.follower.read_soon()
             assert await eventually(lambda: read_count() > before)

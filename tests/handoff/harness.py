@@ -50,7 +50,7 @@ import yaml
 from gateway.coordination.registry import report_of
 from gateway.fence import STATE_PATH
 from gateway.handoff import Report
-from gateway.shardstate import ShardState, state_configmap_name
+from gateway.shardstate import Phase, ShardState, state_configmap_name
 from tests.k8s.apiserver import FakeApiServer, endpoint, port
 from tests.k8s.conftest import CONFIGMAP, NS, REPO_ROOT, GatewayFactory, GatewayProcess, Group, Recipe
 from tests.k8s.conftest import shard_config as base_shard_config
@@ -485,6 +485,13 @@ class Scene:
                         "handoffs_rolled_back": g.metric("shardgate_handoffs_total", outcome="rolled_back"),
                         "handoff_fence_seconds_total": g.metric("shardgate_handoff_fence_seconds_total"),
                         "barrier_held_by": handoff.get("barrier_held_by"),
+                        "held_writes": {
+                            o: g.metric("shardgate_held_writes_total", outcome=o) for o in ("sent", "refused")
+                        },
+                        "fenced_writes": {
+                            o: g.metric("shardgate_fenced_writes_total", outcome=o)
+                            for o in ("resent", "held", "refused")
+                        },
                     }
                 )
             except (OSError, AssertionError, KeyError, ValueError) as exc:
@@ -731,6 +738,17 @@ def dedupe(items: Iterable[str]) -> list[str]:
     return out
 
 
+def in_fence_phase(states: Sequence[StateSeen], moment: float) -> bool:
+    """Whether the state in force at ``moment`` (the last one the harness saw by then) was a
+    fence phase."""
+    current = None
+    for seen in states:
+        if seen.at > moment:
+            break
+        current = seen
+    return current is not None and current.state.phase == Phase.FENCING
+
+
 def check(
     client: list[dict[str, Any]],
     accepted: list[dict[str, Any]],
@@ -827,6 +845,14 @@ def check(
         "rate_per_second": round(len(client) / duration, 1) if duration else 0.0,
         "latency_p50_p99_max": percentiles(client),
         "latency_unmoved_users_p50_p99_max": percentiles(r for r in client if r["user"] not in moving),
+        # Keys that do not move must not notice a hand-off: their writes sent during a fence
+        # phase (as the harness saw the phases) against those sent outside one.
+        "latency_unmoved_users_in_fence_phases_p50_p99_max": percentiles(
+            r for r in client if r["user"] not in moving and in_fence_phase(states, r["start"])
+        ),
+        "latency_unmoved_users_outside_fence_phases_p50_p99_max": percentiles(
+            r for r in client if r["user"] not in moving and not in_fence_phase(states, r["start"])
+        ),
         "writes_accepted_by_backends": len(accepted),
         "moving_users": len(moving),
         "unmoved_users": users - len(moving),

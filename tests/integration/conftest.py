@@ -70,8 +70,9 @@ def config_document(
     reads: str = "any",
     vnodes: int = 160,
     handoff: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``handoff``: the config's ``handoff:`` section (its defaults when None)."""
+    """``handoff``, ``health``: the config's sections of those names (left out when None)."""
     document: dict[str, Any] = {
         "version": 1,
         "routing": {
@@ -85,6 +86,8 @@ def config_document(
     }
     if handoff is not None:
         document["handoff"] = dict(handoff)
+    if health is not None:
+        document["health"] = dict(health)
     return document
 
 
@@ -94,10 +97,10 @@ def render_config(
     reads: str = "any",
     vnodes: int = 160,
     handoff: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
 ) -> str:
-    return yaml.safe_dump(
-        config_document(groups, reads=reads, vnodes=vnodes, handoff=handoff), sort_keys=False
-    )
+    document = config_document(groups, reads=reads, vnodes=vnodes, handoff=handoff, health=health)
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 class Recipe:
@@ -339,6 +342,13 @@ class Gateway:
         return int(self.proc.returncode)
 
 
+# For a gateway whose tests are about the answer to each failed attempt (the retry inside the
+# owner group, then 502 / 504, its log line, span and metrics) rather than about ejection
+# (tests/integration/test_proxy_health.py): no pod is ejected, so every request meets its
+# failure as the test expects.
+NO_EJECTION = {"passive": {"enabled": False}}
+
+
 class GatewayFactory:
     """``factory(config_text_or_groups, env=..., reads=..., vnodes=...)`` starts a real gateway."""
 
@@ -356,12 +366,13 @@ class GatewayFactory:
         vnodes: int = 160,
         args: Sequence[str] = (),
         handoff: Mapping[str, Any] | None = None,
+        health: Mapping[str, Any] | None = None,
     ) -> Gateway:
         """``args``: more ``shardgate run`` flags."""
         text = (
             config
             if isinstance(config, str)
-            else render_config(config, reads=reads, vnodes=vnodes, handoff=handoff)
+            else render_config(config, reads=reads, vnodes=vnodes, handoff=handoff, health=health)
         )
         self._count += 1
         workdir = self.directory / f"gw{self._count}"

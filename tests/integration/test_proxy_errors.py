@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.conftest import (
     KEY_HEADER,
+    NO_EJECTION,
     Gateway,
     GatewayFactory,
     LiveGroups,
@@ -46,6 +47,7 @@ def gw(module_gateway: GatewayFactory, live: LiveGroups) -> Gateway:
     return module_gateway(
         live.groups,
         env={"SHARDGATE_MAX_HEADER_BYTES": str(MAX_HEADER), "SHARDGATE_MAX_BODY_BYTES": str(MAX_BODY)},
+        health=NO_EJECTION,
     )
 
 
@@ -58,6 +60,7 @@ def gw_timeouts(module_gateway: GatewayFactory, live: LiveGroups) -> Gateway:
             "SHARDGATE_CLIENT_HEADER_TIMEOUT": "0.5",
             "SHARDGATE_CLIENT_IDLE_TIMEOUT": "1.0",
         },
+        health=NO_EJECTION,
     )
 
 
@@ -78,7 +81,7 @@ def faulty(module_upstreams: UpstreamFactory) -> LiveGroups:
 @pytest.fixture(scope="module")
 def gw_faulty(module_gateway: GatewayFactory, faulty: LiveGroups) -> Gateway:
     # reads: owner, so that a read's pod choice (and any retry) stays inside the owner group.
-    return module_gateway(faulty.groups, reads="owner")
+    return module_gateway(faulty.groups, reads="owner", health=NO_EJECTION)
 
 
 def _serves(gw: Gateway, setup: LiveGroups) -> None:
@@ -391,6 +394,7 @@ def test_stalled_mid_body_gets_the_idle_timeout(module_gateway: GatewayFactory, 
             "SHARDGATE_CLIENT_HEADER_TIMEOUT": "0.5",
             "SHARDGATE_CLIENT_IDLE_TIMEOUT": "1.0",
         },
+        health=NO_EJECTION,
     )
     with RawConn(gw.port) as conn:
         started = time.monotonic()  # before the head is sent: the idle timer starts after it
@@ -501,6 +505,7 @@ def gw_holes(module_gateway: GatewayFactory, holes: LiveGroups) -> Gateway:
         holes.groups,
         reads="owner",
         env={"SHARDGATE_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT), "SHARDGATE_UPSTREAM_TIMEOUT": "120"},
+        health=NO_EJECTION,
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.conftest import (
     KEY_HEADER,
+    NO_EJECTION,
     Gateway,
     GatewayFactory,
     LiveGroups,
@@ -34,7 +35,7 @@ def live(module_upstreams: UpstreamFactory) -> LiveGroups:
 
 @pytest.fixture(scope="module")
 def gw(module_gateway: GatewayFactory, live: LiveGroups) -> Gateway:
-    return module_gateway(live.groups, reads="owner")
+    return module_gateway(live.groups, reads="owner", health=NO_EJECTION)
 
 
 # -- a write is never sent twice (invariant 4) --------------------------------------------------

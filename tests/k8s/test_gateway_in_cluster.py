@@ -10,12 +10,14 @@ start), and watch failures (dropped streams, 410 Gone, an API-server outage, 500
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
 
 import pytest
 
+from gateway.shardstate import Phase, ShardState
 from tests.k8s.apiserver import FakeApiServer
 from tests.k8s.conftest import (
     CONFIGMAP,
@@ -515,6 +517,33 @@ def test_a_view_past_its_lease_refuses_writes_serves_reads_and_recovers_when_con
     api.set_down(False)
     assert wait_for(lambda: client.write(key).status == 200), gw.log_tail()
     assert gw.metric("shardgate_shard_state_unconfirmed") == 0
+    assert gw.ring()["config"]["state_confirmed"] is True
+
+
+@pytest.mark.timeout(45)
+def test_a_view_no_direct_read_has_confirmed_yet_is_not_ready_and_refuses_writes(
+    api: FakeApiServer, farm: PodFarm, start_gateway: GatewayFactory
+) -> None:
+    """At the start, a view the watch brought (its list) but no GET has confirmed: /readyz 503,
+    writes refused 503 shard_state_unconfirmed; the first GET that succeeds ends both."""
+    groups, _ = three_groups(api, farm)
+    state = ShardState(generation=1, phase=Phase.STABLE, config=shard_config(groups), since=time.time())
+    api.put_configmap(NS, f"{CONFIGMAP}-state", {"state.json": state.to_json()})
+    api.fail_requests(10**6, 503, verb="get")  # lists and watches work; direct reads do not
+    gw = start_gateway(ready=False)
+    client = Client(gw.port)
+    key = Recipe(groups).keys_of("g1", 1)[0]
+    assert wait_for(lambda: gw.ring()["config"]["generation"] == 1), gw.ring()["config"]
+    status, body = gw.admin_get("/readyz")
+    assert (status, json.loads(body)["status"]) == (503, "shard state not confirmed yet")
+    refused = client.write(key)
+    assert (refused.status, refused.error) == (503, "shard_state_unconfirmed"), refused
+    assert client.read(key).status == 200
+    assert gw.ring()["config"]["state_confirmed"] is False
+
+    api.clear_failures()
+    assert wait_for(lambda: gw.admin_status("/readyz") == 200), gw.log_tail()
+    assert wait_for(lambda: client.write(key).status == 200)
     assert gw.ring()["config"]["state_confirmed"] is True
 
 

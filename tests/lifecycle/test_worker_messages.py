@@ -298,3 +298,22 @@ def test_a_worker_refuses_writes_while_the_supervisors_view_is_past_its_lease(
     assert one_request(port, "GET", "/orders", "k").status == 200  # reads pass
     piped.write(confirmed.encode())
     assert wait_for(lambda: one_request(port, "POST", "/orders", "k").status == 200), piped.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_tells_the_supervisor_which_pods_it_ejected(
+    piped: PipedWorker, upstreams: UpstreamSet
+) -> None:
+    pod = upstreams("g-a", "a-1")
+    dead = f"127.0.0.1:{free_port()}"  # refuses connections: ejected by the first request to it
+    config = ShardConfig.model_validate(config_document([group_of("g-a", [pod.address, dead])]))
+    port = free_port()
+    piped.write(start_message(port, config))
+    assert isinstance(piped.next_message(), Ready), piped.log()
+    for n in range(20):  # (two pods: the dead one is picked within a few requests)
+        assert one_request(port, "POST", "/orders", f"k{n}").status == 200  # retried on a-1
+    ident, request = piped.metrics_request()
+    piped.write(request)
+    reply = piped.reply_to(ident)
+    assert reply.health == {f"g-a {dead}": "ejected"}
+    assert reply.data["ejections"] == {"g-a connect_failure": 1}

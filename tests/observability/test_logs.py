@@ -17,6 +17,7 @@ import yaml
 
 from tests.integration.conftest import (
     KEY_HEADER,
+    NO_EJECTION,
     Gateway,
     GatewayFactory,
     GroupSpec,
@@ -89,7 +90,7 @@ def assert_all_json(gw: Gateway) -> None:
 
 @pytest.fixture(scope="module")
 def default_gw(module_gateway: GatewayFactory, setup: Setup) -> Gateway:
-    return module_gateway(setup.groups, handoff=QUICK_HANDOFF)
+    return module_gateway(setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION)
 
 
 def test_log_lines_are_json_objects(default_gw: Gateway, setup: Setup) -> None:
@@ -152,7 +153,9 @@ def test_default_logs_a_slow_success_only_past_the_default_threshold(
 
 
 def test_access_log_all_logs_every_request(module_gateway: GatewayFactory, setup: Setup) -> None:
-    gw = module_gateway(setup.groups, handoff=QUICK_HANDOFF, env={"SHARDGATE_ACCESS_LOG": "all"})
+    gw = module_gateway(
+        setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION, env={"SHARDGATE_ACCESS_LOG": "all"}
+    )
     sent = {rid(): 200 for _ in range(4)}
     for request_id in sent:
         assert send(gw, "POST", "/orders", setup.live_key, request_id).status == 200
@@ -176,20 +179,24 @@ def test_access_log_all_logs_every_request(module_gateway: GatewayFactory, setup
 
 
 def test_access_log_off_logs_no_request(module_gateway: GatewayFactory, setup: Setup) -> None:
-    gw = module_gateway(setup.groups, handoff=QUICK_HANDOFF, env={"SHARDGATE_ACCESS_LOG": "off"})
+    gw = module_gateway(
+        setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION, env={"SHARDGATE_ACCESS_LOG": "off"}
+    )
     assert send(gw, "POST", "/orders", setup.live_key, rid()).status == 200
     assert send(gw, "POST", "/orders", setup.dead_key, rid()).status == 502
     assert send(gw, "POST", "/orders", None, rid()).status == 400
     # A config reload is logged after those requests: once it is in, no access line came before.
     old = gw.epoch()
-    gw.write_config(render_config(setup.groups, vnodes=100, handoff=QUICK_HANDOFF))
+    gw.write_config(render_config(setup.groups, vnodes=100, handoff=QUICK_HANDOFF, health=NO_EJECTION))
     new = gw.wait_for_epoch_change(old)
     view = wait_for_log(gw, lambda e: new in e.get("message", ""))
     assert view.access() == []
 
 
 def test_slow_request_is_logged(module_gateway: GatewayFactory, setup: Setup) -> None:
-    gw = module_gateway(setup.groups, handoff=QUICK_HANDOFF, env={"SHARDGATE_SLOW_REQUEST_SECONDS": "0.2"})
+    gw = module_gateway(
+        setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION, env={"SHARDGATE_SLOW_REQUEST_SECONDS": "0.2"}
+    )
     fast_id, slow_id = rid(), rid()
     assert send(gw, "POST", "/orders", setup.live_key, fast_id).status == 200
     assert send(gw, "GET", "/slow-headers?delay=0.5", None, slow_id).status == 200
@@ -222,14 +229,14 @@ def _requests_for(gw: Gateway, setup: Setup, seconds: float) -> int:
 
 
 def test_reload_and_rejection_are_each_logged_once(start_gateway: GatewayFactory, setup: Setup) -> None:
-    gw = start_gateway(setup.groups, handoff=QUICK_HANDOFF)
+    gw = start_gateway(setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION)
     first = gw.epoch()
-    gw.write_config(render_config(setup.groups, vnodes=120, handoff=QUICK_HANDOFF))
+    gw.write_config(render_config(setup.groups, vnodes=120, handoff=QUICK_HANDOFF, health=NO_EJECTION))
     second = gw.wait_for_epoch_change(first)
     for _ in range(20):
         assert send(gw, "POST", "/orders", setup.live_key, rid()).status == 200
 
-    bad = yaml.safe_load(render_config(setup.groups, handoff=QUICK_HANDOFF))
+    bad = yaml.safe_load(render_config(setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION))
     bad["ring"]["vnodes"] = 0  # one problem: vnodes must be positive
     gw.write_config(yaml.safe_dump(bad))
     assert wait_for(lambda: bool(gw.debug_ring()["config"]["problems"]))
@@ -255,7 +262,9 @@ def test_reload_and_rejection_are_each_logged_once(start_gateway: GatewayFactory
 
 @pytest.fixture(scope="module")
 def workers_gw(module_gateway: GatewayFactory, setup: Setup) -> Gateway:
-    return module_gateway(setup.groups, handoff=QUICK_HANDOFF, env={"SHARDGATE_WORKERS": "2"})
+    return module_gateway(
+        setup.groups, handoff=QUICK_HANDOFF, health=NO_EJECTION, env={"SHARDGATE_WORKERS": "2"}
+    )
 
 
 def test_worker_log_lines_say_which_worker(workers_gw: Gateway, setup: Setup) -> None:
@@ -268,7 +277,7 @@ def test_worker_log_lines_say_which_worker(workers_gw: Gateway, setup: Setup) ->
 
 def test_worker_reload_is_logged_once(workers_gw: Gateway, setup: Setup) -> None:
     old = workers_gw.epoch()
-    workers_gw.write_config(render_config(setup.groups, vnodes=90, handoff=QUICK_HANDOFF))
+    workers_gw.write_config(render_config(setup.groups, vnodes=90, handoff=QUICK_HANDOFF, health=NO_EJECTION))
     new = workers_gw.wait_for_epoch_change(old)
 
     # Each worker logs in order: once both have an access line of the new epoch (request ids

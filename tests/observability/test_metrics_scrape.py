@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import (
     KEY_HEADER,
+    NO_EJECTION,
     Gateway,
     GatewayFactory,
     GroupSpec,
@@ -290,7 +291,7 @@ def test_metrics_under_load_are_exact_and_promtool_clean(
 ) -> None:
     require_promtool()
     setup = Setup(upstreams)
-    gw = start_gateway(setup.groups, env={"SHARDGATE_WORKERS": str(workers)})
+    gw = start_gateway(setup.groups, env={"SHARDGATE_WORKERS": str(workers)}, health=NO_EJECTION)
     tally, during = run_load(gw, setup)
     final = scrape(gw)
 

@@ -53,6 +53,7 @@ REQUIRED_ALERTS = {
     "LatencyBudgetBurnSlow",
     "HandoffStuck",
     "ShardStateUnconfirmed",
+    "ShardGroupEjected",
 }
 
 # Grafana variables, replaced by values a real query could have, for PromQL syntax checks.

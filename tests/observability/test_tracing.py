@@ -27,6 +27,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from tests.integration.conftest import (
     KEY_HEADER,
+    NO_EJECTION,
     Gateway,
     GatewayFactory,
     GroupSpec,
@@ -191,19 +192,23 @@ def _otel_env(receiver: OtlpReceiver, service: str, ratio: str) -> dict[str, str
 @pytest.fixture(scope="module")
 def traced(module_gateway: GatewayFactory, setup: Setup) -> Gateway:
     """Tracing on, every root request sampled."""
-    return module_gateway(setup.groups, env=_otel_env(setup.receiver, GATEWAY_SERVICE, "1"))
+    return module_gateway(
+        setup.groups, env=_otel_env(setup.receiver, GATEWAY_SERVICE, "1"), health=NO_EJECTION
+    )
 
 
 @pytest.fixture(scope="module")
 def ratio0(module_gateway: GatewayFactory, setup: Setup) -> Gateway:
     """Tracing on, roots never sampled (a sampled client parent still is: parent-based)."""
-    return module_gateway(setup.groups, env=_otel_env(setup.receiver, RATIO0_SERVICE, "0"))
+    return module_gateway(
+        setup.groups, env=_otel_env(setup.receiver, RATIO0_SERVICE, "0"), health=NO_EJECTION
+    )
 
 
 @pytest.fixture(scope="module")
 def untraced(module_gateway: GatewayFactory, setup: Setup) -> Gateway:
     """No OTLP endpoint configured: tracing is off."""
-    return module_gateway(setup.groups)
+    return module_gateway(setup.groups, health=NO_EJECTION)
 
 
 # ---------------------------------------------------------------------------------------------

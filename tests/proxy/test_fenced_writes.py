@@ -60,7 +60,9 @@ class Pod(RecordingUpstream):
 HOLD = 0.3  # handoff.hold_seconds of these tests' views: how long a fenced write waits
 
 
-def topology(group: str, pod: Pod, hold: float = HOLD, vnodes: int = 160) -> Topology:
+def topology(
+    group: str, pod: Pod, hold: float = HOLD, vnodes: int = 160, generation: int | None = None
+) -> Topology:
     """Every key owned by ``group`` (its only group), whose one pod is ``pod``."""
     text = (
         "version: 1\n"
@@ -69,7 +71,7 @@ def topology(group: str, pod: Pod, hold: float = HOLD, vnodes: int = 160) -> Top
         f"handoff: {{hold_seconds: {hold}}}\n"
         f'groups:\n  - name: {group}\n    endpoints: ["127.0.0.1:{pod.port}"]\n'
     )
-    return TopologyBuilder().build(parse_shard_config(text))
+    return TopologyBuilder().build(parse_shard_config(text), generation=generation)
 
 
 def post(body: bytes, key: str = "alice") -> bytes:
@@ -174,6 +176,33 @@ def test_a_held_fenced_write_is_never_sent_back_to_the_group_that_refused_it(sce
     status, _, body = only_response(scene, transport)
     assert status == 503 and json.loads(body)["error"] == "shard_moving"
     assert len(scene.old.requests) == 1
+
+
+def test_a_held_fenced_write_goes_back_to_the_refusing_group_on_a_newer_generation(
+    scene: Scene,
+) -> None:
+    """A rollback: the refusing group owns the key again in a newer state, so its fence (which
+    still decides) may take it now."""
+    transport = held_after_a_421(scene, post(b'{"n": 4}'))
+    scene.old.status = 200
+    scene.plane.holder.swap(topology("group-1", scene.old, vnodes=150, generation=7))
+    status, _, body = only_response(scene, transport)
+    assert (status, body) == (200, b"ok")
+    assert [b for _, b in scene.old.requests] == [b'{"n": 4}', b'{"n": 4}']
+
+
+def test_a_fenced_write_whose_newest_view_refuses_it_otherwise_is_answered_shard_moving_at_once(
+    scene: Scene,
+) -> None:
+    plane = scene.plane
+    client, transport = plane.connect()
+    plane.feed(client, [post(b"{}")])
+    plane.wait_for(lambda: len(scene.old.requests) == 1)
+    plane.holder.set_confirmed(False)  # the newest view answers shard_state_unconfirmed
+    scene.old.release.set()
+    status, _, body = only_response(scene, transport)
+    assert (status, json.loads(body)["error"]) == (503, "shard_moving")  # the contract's answer
+    assert (plane.metrics.fenced_writes_refused, plane.metrics.fenced_writes_held) == (1, 0)
 
 
 def test_a_fenced_421_is_answered_503_at_once_when_nothing_is_held(scene: Scene) -> None:

@@ -231,6 +231,7 @@ def test_describe_is_json_ready() -> None:
         "connections": 2,
         "idle_connections": 1,
         "requests": 0,
+        "health": "healthy",  # (no data plane: what the Pod says)
     }
     assert sum(described["ring"]["share"].values()) == pytest.approx(1.0, abs=1e-5)
     assert described["ring"]["vnodes"] == 160
