@@ -463,13 +463,13 @@ class GatewayCollector(Collector):
         )
         health = GaugeMetricFamily(
             "shardgate_group_pods_by_health",
-            "Pods per group by passive health: healthy, ejected (no new request), trial (one"
+            "Ready pods per group by passive health: healthy, ejected (no new request), trial (one"
             " request decides). With --workers a pod one worker ejected counts as ejected.",
             labels=["group", "health"],
         )
         for group in topology.groups.values():
             by_health = dict.fromkeys((HEALTHY, EJECTED, TRIAL), 0)
-            for pod in group.pods:
+            for pod in group.ready:
                 by_health[str(self._pod_health(pod)["health"])] += 1
             for name, value in by_health.items():
                 health.add_metric([group.name, name], value)

@@ -62,7 +62,7 @@ class ProxyContext:
         self.next_id = iter(RequestIds())  # next(ctx.next_id): a new request id, made in C
         self.pools = Pools(metrics)
         self.health = Outliers(loop, holder, metrics)  # passive health: which pods are ejected
-        holder.subscribe(self._forget_removed_pods)
+        holder.subscribe(self.health.on_topology)
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         # Writes for moving keys held during a fence phase (Exchange.decide_held): started again
@@ -114,9 +114,6 @@ class ProxyContext:
         if self.held:
             for exchange in [e for e in self.held if e.held_until <= now]:
                 self._start_one_held(exchange)
-
-    def _forget_removed_pods(self, _topology: object) -> None:
-        self.health.forget_removed()
 
     def _start_held(self, _topology: object) -> None:
         for exchange in list(self.held):

@@ -23,7 +23,7 @@ cdef class Exchange(ResponseSink):
     cdef public str fenced_by
     cdef public long fenced_generation
     cdef public Py_ssize_t pending_bytes, body_bytes
-    cdef public bint chunked, keep_alive, is_write, expect_continue, resent
+    cdef public bint chunked, keep_alive, is_write, expect_continue, resent, on_trial
 
     cpdef head_complete(self, method)
     cpdef add_body(self, data)
@@ -41,7 +41,7 @@ cdef class Exchange(ResponseSink):
     cpdef decide_again(self)
     cpdef route_on(self, decision)
     @cython.locals(link=PodLink)
-    cpdef dispatch(self, exclude)
+    cpdef dispatch(self, exclude, no_pod=*)
     cpdef _read_elsewhere(self, exclude)
     cpdef send_on(self, UpstreamConnection conn, double now)
     # ResponseSink

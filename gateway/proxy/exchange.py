@@ -36,7 +36,7 @@ from gateway.proxy.response_head import (
 )
 from gateway.proxy.sides import ClientSide, ResponseSink
 from gateway.router import NOT_READY, Decision, Refusal, choose_pod, decide, moving_to
-from gateway.topology import Handoff, Pod, PodState
+from gateway.topology import Handoff, Pod
 
 if TYPE_CHECKING:
     from gateway.proxy.pool import PodLink
@@ -58,7 +58,6 @@ RESEND_BODY_LIMIT = 65536
 FENCE_FIELD = b"\r\nx-shard-fence:"
 EPOCH_LINE = b"\r\nX-Shard-Epoch: "
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
-_READY = PodState.READY
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -84,6 +83,7 @@ class Exchange(ResponseSink):
         "keep_alive",
         "key",
         "method",
+        "on_trial",
         "operation",
         "pending",
         "pending_bytes",
@@ -133,6 +133,7 @@ class Exchange(ResponseSink):
         # decided on: held, it goes back there only on a newer view (a rollback, say).
         self.fenced_by = ""
         self.fenced_generation = 0
+        self.on_trial = False  # bound to a pod as its trial request (passive health)
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -208,16 +209,18 @@ class Exchange(ResponseSink):
         self.attempts += 1
         pod.inflight += 1
         pod.requests += 1
-        if pod.trial:
-            self.client.ctx.health.trial_started(pod)  # the one request it gets until answered
+        if pod.trial and not pod.ejected:
+            self.on_trial = True  # the one request it gets until answered
+            self.client.ctx.health.trial_started(pod)
         self.pod = self.served_by = pod
 
     def release(self) -> None:
         pod = self.pod
         if pod is not None:
             pod.inflight -= 1
-            if pod.trial:
-                self.client.ctx.health.trial_abandoned(pod)  # unanswered: the next one tries
+            if self.on_trial:
+                self.on_trial = False
+                self.client.ctx.health.trial_abandoned(pod)  # (if unanswered: the next one tries)
             self.pod = None
 
     # -- sending ------------------------------------------------------------------------------
@@ -289,24 +292,19 @@ class Exchange(ResponseSink):
         self.decision = decision
         self.head = with_epoch(self.head, topology.epoch_bytes)
 
-    def dispatch(self, exclude: Pod | None) -> None:
+    def dispatch(self, exclude: Pod | None, no_pod: Refusal | None = None) -> None:
         """Pick a pod of the allowed set (never outside it: a write's is its owner group's) and
-        send the request on an idle pooled connection to it, or on a new one."""
+        send the request on an idle pooled connection to it, or on a new one. A retry names the
+        pod that failed (``exclude``) and the answer if no usable pod is left (``no_pod``)."""
         decision = self.decision
         assert decision is not None
         pod = choose_pod(decision.candidates, exclude)
+        if pod is None and exclude is not None and exclude.eligible:
+            pod = exclude  # its only usable pod (and not ejected): a fresh connection is the retry
         if pod is None and not decision.is_write:
             pod = self._read_elsewhere(exclude)
-        if pod is None and exclude is not None and exclude.state is _READY:
-            pod = exclude  # a one-pod group: a fresh connection to the same pod is the retry
         if pod is None:
-            group = decision.group
-            detail = (
-                f"shard group {group} has no usable pod (none ready, or all ejected)"
-                if group
-                else "no usable pod"
-            )
-            self.client.refuse(self, Refusal(503, "shard_unavailable", detail, 1, group))
+            self.client.refuse(self, no_pod if no_pod is not None else no_usable_pod(decision.group))
             return
         self.bind(pod)
         self.state = CONNECTING
@@ -345,17 +343,19 @@ class Exchange(ResponseSink):
         self.send_on(conn, ctx.loop.time())
 
     def _connect_failed(self, pod: Pod, timed_out: bool) -> None:
-        self.client.ctx.health.failed(pod, CONNECT_TIMEOUT if timed_out else CONNECT_FAILURE)
-        if self.attempts < MAX_ATTEMPTS:
-            # Nothing reached the pod (the body is still in ``pending``): safe to try another.
-            self.client.ctx.metrics.upstream_retries += 1
-            self.release()
-            self.dispatch(pod)
-            self.client.update_reading()
-            return
+        self.client.ctx.health.failed(pod, CONNECT_TIMEOUT if timed_out else CONNECT_FAILURE, self.on_trial)
         code = "upstream_timeout" if timed_out else "upstream_error"
         detail = f"could not connect to a pod of group {pod.group}"
-        self.client.refuse(self, Refusal(504 if timed_out else 502, code, detail))
+        failure = Refusal(504 if timed_out else 502, code, detail)
+        if self.attempts < MAX_ATTEMPTS:
+            # Nothing reached the pod (the body is still in ``pending``): safe to try another
+            # (with no usable pod left, this failure is the answer).
+            self.client.ctx.metrics.upstream_retries += 1
+            self.release()
+            self.dispatch(pod, failure)
+            self.client.update_reading()
+            return
+        self.client.refuse(self, failure)
 
     def send_on(self, conn: UpstreamConnection, now: float) -> None:
         """Send the head (and the body read so far) on ``conn``; from here on, bytes of this
@@ -411,7 +411,7 @@ class Exchange(ResponseSink):
         """Tell passive health what the pod answered. A fence's own answers (its 421s, its
         503 shard_state_unconfirmed: ``X-Shard-Fence``) say the pod works: never a failure."""
         server_error = status >= 500 and FENCE_FIELD not in kept.lower()
-        self.client.ctx.health.answered(pod, server_error)
+        self.client.ctx.health.answered(pod, server_error, self.on_trial)
 
     def fenced(self) -> None:
         """The pod's fence refused the write before its handler ran: the gateway's view was
@@ -484,13 +484,13 @@ class Exchange(ResponseSink):
             return
         if not reused_connection and self.pod is not None:
             # (A kept-alive connection closed under a request says nothing about its pod.)
-            self.client.ctx.health.failed(self.pod, RESET)
+            self.client.ctx.health.failed(self.pod, RESET, self.on_trial)
         if self.may_retry():
             self.client.ctx.metrics.upstream_retries += 1
             pod = self.pod
             self.release()
             # A stale kept-alive connection says nothing about its pod: any pod will do.
-            self.dispatch(None if reused_connection else pod)
+            self.dispatch(None if reused_connection else pod, UPSTREAM_CLOSED)
             self.client.update_reading()
             return
         self.client.refuse(self, UPSTREAM_CLOSED)
@@ -503,8 +503,9 @@ class Exchange(ResponseSink):
         self._upstream_failed(INTERNAL_ERROR)
 
     def upstream_timeout(self) -> None:
-        if self.state != STREAMING and self.pod is not None:
-            self.client.ctx.health.failed(self.pod, TIMEOUT)  # no answer in time
+        if self.state != STREAMING and self.request_done and self.pod is not None:
+            # No answer in time to a whole request (a slow upload is not the pod's fault).
+            self.client.ctx.health.failed(self.pod, TIMEOUT, self.on_trial)
         self._upstream_failed(UPSTREAM_TIMEOUT)
 
     def _upstream_failed(self, refusal: Refusal) -> None:
@@ -543,6 +544,14 @@ def moving_in_flight(exchange: Exchange, handoff: Handoff) -> bool:
     if key is None or decision is None or decision.group is None:
         return False
     return moving_to(handoff, key, decision.group) is not None
+
+
+def no_usable_pod(group: str | None) -> Refusal:
+    """The answer when the allowed set has no pod that is ready and not ejected."""
+    detail = (
+        f"shard group {group} has no usable pod (none ready, or all ejected)" if group else "no usable pod"
+    )
+    return Refusal(503, "shard_unavailable", detail, 1, group)
 
 
 def fenced_refusal(group: str, decision: Decision | Refusal | None) -> Refusal:

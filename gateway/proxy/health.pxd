@@ -8,9 +8,9 @@ cdef class PodHealth:
 
 cdef class Outliers:
     cdef object _loop, _holder, _metrics, _jitter
-    cdef dict _pods
+    cdef dict _pods, _settings_of
 
-    cpdef failed(self, pod, str reason)
-    cpdef answered(self, pod, bint server_error)
+    cpdef failed(self, pod, str reason, bint trial)
+    cpdef answered(self, pod, bint server_error, bint trial)
     cpdef trial_started(self, pod)
     cpdef trial_abandoned(self, pod)

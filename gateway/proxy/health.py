@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from gateway.config import PassiveHealthConfig
 from gateway.observability.metrics import Metrics
-from gateway.topology import Pod, PodState, TopologyHolder, health_of
+from gateway.topology import Pod, PodState, Topology, TopologyHolder, health_of
 
 log = logging.getLogger("shardgate.health")
 
@@ -69,35 +69,43 @@ class Outliers:
         self._metrics = metrics
         self._jitter = jitter
         self._pods: dict[Pod, PodHealth] = {}
+        self._settings_of: dict[str, PassiveHealthConfig] = {}  # group -> its settings
+        if holder.current is not None:
+            self.on_topology(holder.current)
 
     # -- what requests meet ---------------------------------------------------------------------
 
-    def failed(self, pod: Pod, reason: str) -> None:
-        """No answer from ``pod`` (refused, reset, timed out): it is ejected."""
-        if self._settings(pod).enabled:
+    def failed(self, pod: Pod, reason: str, trial: bool) -> None:
+        """No answer from ``pod`` (refused, reset, timed out): it is ejected. ``trial``: the
+        request was the pod's trial. A pod already ejected is not ejected again by the requests
+        that were on their way to it (one incident is one ejection)."""
+        if self._settings(pod).enabled and not self._already_ejected(pod, trial):
             self._eject(pod, self._record(pod), reason)
 
-    def answered(self, pod: Pod, server_error: bool) -> None:
+    def answered(self, pod: Pod, server_error: bool, trial: bool) -> None:
         """``pod`` answered: a 5xx (``server_error``) counts towards a run, anything else ends
-        one (a 4xx, a fence's 421 or 503, a 429: the pod works)."""
+        one (a 4xx, a fence's 421 or 503, a 429: the pod works). ``trial``: the request was
+        the pod's trial, whose answer decides."""
         record = self._pods.get(pod)  # (None for a pod that never failed: most of them)
+        on_trial = trial and pod.trial
         if not server_error:
-            if record is not None:
+            if record is not None and record.consecutive_5xx:
                 record.consecutive_5xx = 0
-            if pod.trial:
+            if on_trial:
                 self._trust(pod, record or self._record(pod))
             return
         settings = self._settings(pod)
-        if not settings.enabled:
+        if not settings.enabled or self._already_ejected(pod, trial):
             return
         record = record or self._record(pod)
-        record.consecutive_5xx += 1
-        if not pod.trial and record.consecutive_5xx < settings.consecutive_5xx:
+        if record.consecutive_5xx < settings.consecutive_5xx:  # (bounded: a run only matters so far)
+            record.consecutive_5xx += 1
+        if not on_trial and record.consecutive_5xx < settings.consecutive_5xx:
             return
         if self._others_usable(pod):
             self._eject(pod, record, CONSECUTIVE_5XX)  # (a failed trial: ejected for longer)
-        elif pod.trial:
-            self._trust(pod, record)  # the group's last pod: its 500s are the application's
+        elif on_trial:
+            self._trust(pod, record)  # the group's last usable pod: its 500s are the application's
 
     def trial_started(self, pod: Pod) -> None:
         """A request was bound to a pod on trial: nobody else goes there until it is answered."""
@@ -108,13 +116,19 @@ class Outliers:
         if pod.trial:
             pod.ejected = False
 
+    @staticmethod
+    def _already_ejected(pod: Pod, trial: bool) -> bool:
+        """Ejected, and this is not the outcome of its trial (a request sent before)."""
+        return pod.ejected and not (trial and pod.trial)
+
     # -- ejection -------------------------------------------------------------------------------
 
     def _eject(self, pod: Pod, record: PodHealth, reason: str) -> None:
         settings = self._settings(pod)
         now = self._loop.time()
-        if record.trusted_at and now - record.trusted_at > settings.max_ejection:
-            record.ejections = 0  # trusted long enough: a new failure starts from the base time
+        if not pod.trial and record.trusted_at and now - record.trusted_at > settings.max_ejection:
+            record.ejections = 0  # trusted long enough: this incident starts from the base time
+        record.trusted_at = 0.0
         record.ejections += 1
         duration = min(settings.base_ejection * record.ejections, settings.max_ejection)
         duration *= 1 + JITTER * self._jitter()
@@ -144,9 +158,29 @@ class Outliers:
     def _trust(self, pod: Pod, record: PodHealth) -> None:
         pod.ejected, pod.trial = False, False
         record.trusted_at = self._loop.time()
-        log.info("pod %s of group %s answered its trial: trusted again", pod.address, pod.group)
+        log.info("pod %s of group %s: its trial request was answered, trusted again", pod.address, pod.group)
+
+    def _release(self, pod: Pod, record: PodHealth) -> None:
+        """Passive health is off for its group: whatever it held against the pod is dropped."""
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        pod.ejected, pod.trial = False, False
+        record.consecutive_5xx = 0
 
     # -- what is known ------------------------------------------------------------------------
+
+    def on_topology(self, topology: Topology) -> None:
+        """A new snapshot: each group's settings; the records of pods gone from it dropped (their
+        timers cancelled); pods of groups whose passive health is now off trusted again."""
+        config = topology.config
+        self._settings_of = {g.name: config.passive_health(g) for g in config.groups}
+        for pod, record in list(self._pods.items()):
+            if pod.state is PodState.REMOVED:
+                self._release(pod, record)
+                del self._pods[pod]
+            elif not self._settings(pod).enabled:
+                self._release(pod, record)
 
     def _record(self, pod: Pod) -> PodHealth:
         record = self._pods.get(pod)
@@ -155,35 +189,23 @@ class Outliers:
         return record
 
     def _settings(self, pod: Pod) -> PassiveHealthConfig:
-        topology = self._holder.current
-        if topology is None:
-            return DEFAULT_SETTINGS
-        group = next((g for g in topology.config.groups if g.name == pod.group), None)
-        return topology.config.passive_health(group) if group is not None else DEFAULT_SETTINGS
+        return self._settings_of.get(pod.group, DEFAULT_SETTINGS)
 
     def _others_usable(self, pod: Pod) -> bool:
-        """Whether another pod of ``pod``'s group may take a request now (ready, not ejected)."""
+        """Whether another pod of ``pod``'s group is trusted to take requests now: ready, not
+        ejected, not on trial (a trial may yet fail)."""
         topology = self._holder.current
         view = topology.groups.get(pod.group) if topology is not None else None
         pods = view.pods if view is not None else ()
-        return any(p is not pod and p.state is PodState.READY and not p.ejected for p in pods)
-
-    def forget_removed(self) -> None:
-        """Drop the records of pods no topology has any more (called at each new topology)."""
-        for pod in [p for p in self._pods if p.state is PodState.REMOVED]:
-            record = self._pods.pop(pod)
-            if record.timer is not None:
-                record.timer.cancel()
+        return any(p is not pod and p.state is PodState.READY and not p.ejected and not p.trial for p in pods)
 
     def describe(self, pod: Pod) -> dict[str, object]:
-        """/debug/ring's view of a pod's passive health."""
-        record = self._pods.get(pod)
-        health = health_of(pod)
-        if record is None:
-            return {"health": health, "ejections": 0}
-        left = max(0.0, record.ejected_until - self._loop.time()) if pod.ejected and not pod.trial else 0.0
+        """/debug/ring's view of a pod's passive health (the same fields for every pod)."""
+        record = self._pods.get(pod) or PodHealth()
+        ejected = pod.ejected and not pod.trial
+        left = max(0.0, record.ejected_until - self._loop.time()) if ejected else 0.0
         return {
-            "health": health,
+            "health": health_of(pod),
             "ejections": record.ejections,
             "ejected_for": round(left, 3),
             "last_ejection_reason": record.last_reason,

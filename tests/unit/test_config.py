@@ -481,3 +481,53 @@ def test_one_endpoint_in_two_groups_is_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         parse_shard_config(text)
     assert info.value.problems == ["groups: endpoint h:2 is in both 'a' and 'b'"]
+
+
+# ---------------------------------------------------------------------------------------------
+# health (docs/contract.md "Health")
+
+
+def test_health_left_out_means_the_defaults_and_the_epoch_of_before() -> None:
+    from gateway.ring import config_epoch
+
+    plain = parse_shard_config(yaml.safe_dump(document()))
+    settings = plain.passive_health(plain.groups[0])
+    assert (settings.enabled, settings.consecutive_5xx, settings.base_ejection, settings.max_ejection) == (
+        True,
+        5,
+        30.0,
+        300.0,
+    )
+    # Written out with the default values, the section is a change like any other field.
+    given = parse_shard_config(yaml.safe_dump(document(health={"passive": {"consecutive_5xx": 5}})))
+    assert config_epoch(plain) != config_epoch(given)
+    assert "health" not in yaml.safe_dump(plain.model_dump(mode="json", exclude_none=True))
+
+
+def test_a_group_changes_the_health_settings_it_names_and_keeps_the_rest() -> None:
+    doc = with_group(0, health={"passive": {"consecutive_5xx": 10, "enabled": False}})
+    doc["health"] = {"passive": {"base_ejection": 5, "max_ejection": 50}}
+    config = parse_shard_config(yaml.safe_dump(doc))
+    own, other = (config.passive_health(g) for g in config.groups)
+    assert (own.enabled, own.consecutive_5xx, own.base_ejection, own.max_ejection) == (False, 10, 5.0, 50.0)
+    assert (other.enabled, other.consecutive_5xx, other.base_ejection) == (True, 5, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (
+            document(health={"passive": {"base_ejection": 60, "max_ejection": 30}}),
+            "health.passive: max_ejection must be at least base_ejection",
+        ),
+        (
+            with_group(1, health={"passive": {"base_ejection": 600}}),
+            "group 'group-2': health.passive: max_ejection must be at least base_ejection",
+        ),
+        (document(health={"passive": {"consecutive_5xx": 0}}), "health.passive.consecutive_5xx:"),
+        (document(health={"active": {"path": "/healthz"}}), "health.active:"),
+    ],
+    ids=["cap-below-base", "group-override", "zero-run", "active-not-yet"],
+)
+def test_invalid_health_settings_are_reported_with_their_path(doc: dict[str, Any], expected: str) -> None:
+    assert expected in only_problem(doc)
