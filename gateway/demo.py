@@ -195,6 +195,12 @@ def make_pod_app(group: str, pod: str, data_dir: Path, fence: Fence | None = Non
 
 async def start_app(app: web.Application, host: str = DEMO_HOST) -> tuple[web.AppRunner, tuple[str, int]]:
     """Serve ``app`` on ``host`` at a port the OS picks (bound before serving: no race)."""
+    sock = bound_socket(host)
+    return await serve_on(app, sock), sock.getsockname()[:2]
+
+
+def bound_socket(host: str = DEMO_HOST) -> socket.socket:
+    """A socket bound to a port the OS picks: its address is known before anything serves."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -202,6 +208,10 @@ async def start_app(app: web.Application, host: str = DEMO_HOST) -> tuple[web.Ap
     except OSError:
         sock.close()
         raise
+    return sock
+
+
+async def serve_on(app: web.Application, sock: socket.socket) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -210,8 +220,7 @@ async def start_app(app: web.Application, host: str = DEMO_HOST) -> tuple[web.Ap
         sock.close()
         await runner.cleanup()
         raise
-    port = sock.getsockname()[1]
-    return runner, (host, port)
+    return runner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,20 +343,19 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     runners: list[web.AppRunner] = []
+    sockets: dict[tuple[str, str], socket.socket] = {}
     with tempfile.TemporaryDirectory(prefix="shardgate-demo-") as tmp:
         data_dir = Path(tmp)
         try:
             pods: dict[str, list[tuple[str, tuple[str, int]]]] = {}
             cfg_path = data_dir / "shards.yaml"
-            fences: list[Fence] = []
+            # The pods' addresses go into the config, and their fences read the shard state
+            # the gateway writes from it as it starts: bound first, served once it has.
             for group in (*GROUPS, ADDED_GROUP):
                 pods[group] = []
                 for pod in _pod_names(group):
-                    fence = Fence.from_file(str(cfg_path), group, poll_interval=FENCE_POLL, pod=pod)
-                    fences.append(fence)
-                    runner, address = await start_app(make_pod_app(group, pod, data_dir, fence))
-                    runners.append(runner)
-                    pods[group].append((pod, address))
+                    sock = sockets[(group, pod)] = bound_socket()
+                    pods[group].append((pod, sock.getsockname()[:2]))
             endpoints = {
                 group: [f"{host}:{port}" for _, (host, port) in members] for group, members in pods.items()
             }
@@ -382,8 +390,12 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
                     await asyncio.wait_for(gateway.stop(), timeout=5.0)
                 return 1
             try:
-                # The gateway wrote the first shard state as it started: the pods' fences accept
-                # writes once they have read it.
+                fences: list[Fence] = []
+                for (group, pod), sock in sockets.items():
+                    fence = Fence.from_file(str(cfg_path), group, poll_interval=FENCE_POLL, pod=pod)
+                    fences.append(fence)
+                    runners.append(await serve_on(make_pod_app(group, pod, data_dir, fence), sock))
+                # The pods' fences accept writes once they have read the state.
                 await _fences_confirmed(fences)
                 bound, admin_bound = gateway.listen_address, gateway.admin_address
                 assert bound is not None and admin_bound is not None  # set by a successful start()
@@ -402,6 +414,8 @@ async def _run(listen: str | None, admin_listen: str | None) -> int:
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
+            for sock in sockets.values():
+                sock.close()  # (those never served, if the gateway could not start)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
     return 0
