@@ -129,8 +129,8 @@ class Exchange(ResponseSink):
         self.sent_body: list[bytes] | None = None
         self.resent = False
         self.held_until = 0.0  # a write for a moving key, held until then (0: not held)
-        # The group whose fenced pod refused it, and the generation of the view it had been
-        # decided on: held, it goes back there only on a newer view (a rollback, say).
+        # The group whose fenced pod refused it, and the generation of the gateway's view when
+        # it did: held, it goes back there only on a newer view (a rollback, say).
         self.fenced_by = ""
         self.fenced_generation = 0
         self.on_trial = False  # bound to a pod as its trial request (passive health)
