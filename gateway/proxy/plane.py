@@ -18,7 +18,7 @@ from gateway.topology import Pod, Topology, TopologyHolder, no_health
 
 log = logging.getLogger("shardgate")
 
-RECOUNT_INTERVAL = 0.1  # seconds between two counts of moving writes in flight, while there are
+RECOUNT_INTERVAL = 0.1  # seconds between two counts of moving writes in flight, while any are left
 
 
 class DataPlane:
@@ -148,16 +148,18 @@ class BarrierReports:
         self.report_now()
 
     def report_now(self) -> None:
-        self._recount = None
         topology = self._holder.current
         moving = self._moving_now()
         self._tell(topology.generation if topology is not None else None, moving)
-        if moving:
-            self._recount = asyncio.get_running_loop().call_later(RECOUNT_INTERVAL, self._recount_moving)
+        self._recount_later(moving)
 
     def _recount_moving(self) -> None:
-        self._recount = None
-        if self._moving_now() == 0:
+        moving = self._moving_now()
+        if moving == 0:
             self.report_now()  # the last one ended
         else:
-            self._recount = asyncio.get_running_loop().call_later(RECOUNT_INTERVAL, self._recount_moving)
+            self._recount_later(moving)
+
+    def _recount_later(self, moving: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._recount = loop.call_later(RECOUNT_INTERVAL, self._recount_moving) if moving else None
