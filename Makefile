@@ -18,7 +18,7 @@ CI_STRICT := $(filter-out 0 false False FALSE no,$(CI))
 # kubernetes-client is 1.20, too old for `kubectl kustomize` of today's manifests.
 # tests/support.py TOOLS lists every external program the tests run and where it comes from;
 # tests/deploy/test_tools.py checks the two agree.
-SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus curl:curl apt-cache:apt
+SYSTEM_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk promtool:prometheus curl:curl apt-cache:apt redis-server:redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

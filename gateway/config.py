@@ -8,6 +8,7 @@ settings (flags and SHARDGATE_* variables) are in ``gateway.settings``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
@@ -132,6 +133,47 @@ class GroupHealthConfig(_Strict):
     passive: PassiveHealthOverride = PassiveHealthOverride()
 
 
+class BucketConfig(_Strict):
+    """A token bucket: ``rate`` requests per second on average, ``burst`` at once."""
+
+    rate: Annotated[float, Field(gt=0, le=10_000_000)]
+    burst: Annotated[int, Field(ge=1, le=100_000_000, strict=True)] | None = None  # None: rate, rounded up
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.rate))
+
+
+class RateLimitsConfig(_Strict):
+    """Token buckets (docs/contract.md "Rate limits"): a request takes a token from each bucket
+    that applies to it (global; its key's owner group; its key), or is answered 429."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    per_key: BucketConfig | None = None
+    per_group: BucketConfig | None = None
+    global_: BucketConfig | None = Field(default=None, alias="global")
+    # The per-key buckets, kept at most this many (least recently used forgotten first: a
+    # forgotten bucket is a full one).
+    max_keys: Annotated[int, Field(ge=100, le=10_000_000, strict=True)] = 100_000
+    redis_url: str | None = None  # the per-key buckets in Redis, exact across replicas
+    # A Redis answer not back in this long: the local bucket decides (fail open).
+    redis_timeout: Annotated[float, Field(gt=0, le=5)] = 0.05
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{value!r} is not a Redis URL (redis://, rediss:// or unix://)")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_needs_keys(self) -> RateLimitsConfig:
+        if self.redis_url is not None and self.per_key is None:
+            raise ValueError("redis_url keeps the per-key buckets: it needs per_key")
+        return self
+
+
 class GroupConfig(_Strict):
     name: str
     weight: Annotated[int, Field(ge=1, le=1000, strict=True)] = 1
@@ -239,6 +281,7 @@ class ShardConfig(_Strict):
     handoff: HandoffConfig = HandoffConfig()
     # None (left out): the defaults, and an epoch the same as before the section existed.
     health: HealthConfig | None = None
+    limits: RateLimitsConfig | None = None  # None: no rate limits
     groups: tuple[GroupConfig, ...]
 
     def passive_health(self, group: GroupConfig) -> PassiveHealthConfig:

@@ -38,7 +38,7 @@ _C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")
 class Refusal:
     """A request the gateway answers itself, with the contract's JSON error."""
 
-    __slots__ = ("code", "detail", "group", "retry_after", "status")
+    __slots__ = ("code", "detail", "group", "headers", "retry_after", "status")
 
     def __init__(
         self,
@@ -47,12 +47,14 @@ class Refusal:
         detail: str,
         retry_after: int | None = None,
         group: str | None = None,
+        headers: tuple[bytes, ...] = (),
     ) -> None:
         self.status = status
         self.code = code
         self.detail = detail
         self.retry_after = retry_after
         self.group = group  # the owner group, when one is known (sent as X-Shard-Group)
+        self.headers = headers  # more field lines of the answer (a 429's RateLimit fields)
 
     def __repr__(self) -> str:
         return f"Refusal({self.status}, {self.code!r})"

@@ -495,6 +495,7 @@ class Worker:
             tracing=tracing_from_env(os.environ),  # OTEL_*, inherited from the supervisor
             access_log=AccessLog(settings.access_log, settings.slow_request_seconds),
             read_state_soon=self._ask_for_state,
+            limit_share=settings.workers,
         )
         self.say: Callable[[FromWorkerMessage], None] | None = None  # set once stdout is open
         self._applied: Applied | None = None

@@ -216,6 +216,7 @@ TOOLS: dict[str, Tool] = {
         Tool("wrk", Source.APT, "wrk"),
         Tool("curl", Source.APT, "curl"),
         Tool("apt-cache", Source.APT, "apt"),
+        Tool("redis-server", Source.APT, "redis-server"),
     )
 }
 

@@ -128,6 +128,10 @@ class Metrics:
         self.loop_lag = Histogram(LAG_BOUNDS)
         self.refusals: dict[str, int] = {}
         self.ejections: dict[str, int] = {}  # "GROUP REASON" -> pods ejected (gateway.proxy.health)
+        self.rate_limits: dict[str, int] = {}  # limit (global, per_group, per_key) -> requests refused
+        # Per-key limits decided by the local bucket although the config names Redis, by reason:
+        # timeout, error (the request's script failed), unavailable (Redis left alone a while).
+        self.rate_limit_fallbacks: dict[str, int] = {}
         self.upstream_connects = 0
         self.upstream_connect_failures = 0
         self.upstream_retries = 0
@@ -178,6 +182,12 @@ class Metrics:
     def refused(self, reason: str) -> None:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
+    def rate_limited(self, limit: str) -> None:
+        self.rate_limits[limit] = self.rate_limits.get(limit, 0) + 1
+
+    def rate_limit_fallback(self, reason: str) -> None:
+        self.rate_limit_fallbacks[reason] = self.rate_limit_fallbacks.get(reason, 0) + 1
+
     def ejected(self, group: str, reason: str) -> None:
         key = f"{group} {reason}"  # (a group name has no space)
         self.ejections[key] = self.ejections.get(key, 0) + 1
@@ -205,6 +215,8 @@ class Metrics:
             "loop_lag": self.loop_lag.dump(),
             "refusals": dict(self.refusals),
             "ejections": dict(self.ejections),
+            "rate_limits": dict(self.rate_limits),
+            "rate_limit_fallbacks": dict(self.rate_limit_fallbacks),
             "counters": {name: getattr(self, name) for name in self._SUMMED},
         }
 
@@ -217,6 +229,8 @@ class Metrics:
         self.loop_lag = Histogram(LAG_BOUNDS)
         self.refusals.clear()
         self.ejections.clear()
+        self.rate_limits.clear()
+        self.rate_limit_fallbacks.clear()
         for name in self._SUMMED:
             setattr(self, name, 0)
 
@@ -235,6 +249,10 @@ class Metrics:
             self.refusals[reason] = self.refusals.get(reason, 0) + value
         for key, value in snapshot.get("ejections", {}).items():
             self.ejections[key] = self.ejections.get(key, 0) + value
+        for table in ("rate_limits", "rate_limit_fallbacks"):
+            mine: dict[str, int] = getattr(self, table)
+            for key, value in snapshot.get(table, {}).items():
+                mine[key] = mine.get(key, 0) + value
         for name, value in snapshot["counters"].items():
             setattr(self, name, getattr(self, name) + value)
 
@@ -298,6 +316,7 @@ class GatewayCollector(Collector):
         for key, value in sorted(m.ejections.items()):
             ejections.add_metric(key.split(" ", 1), value)
         yield ejections
+        yield from self._rate_limits()
         refusals = CounterMetricFamily(
             "shardgate_refusals",
             "Requests the gateway answered itself with an error, by reason (the error code).",
@@ -310,6 +329,27 @@ class GatewayCollector(Collector):
             "shardgate_received_bytes", "Bytes read from clients.", value=m.bytes_received
         )
         yield CounterMetricFamily("shardgate_sent_bytes", "Bytes written to clients.", value=m.bytes_sent)
+
+    def _rate_limits(self) -> Iterator[Any]:
+        m = self._metrics
+        limited = CounterMetricFamily(
+            "shardgate_rate_limited_requests",
+            "Requests answered 429 rate_limited, by the limit whose bucket was empty: global,"
+            " per_group, per_key.",
+            labels=["limit"],
+        )
+        for limit, value in sorted(m.rate_limits.items()):
+            limited.add_metric([limit], value)
+        yield limited
+        fallbacks = CounterMetricFamily(
+            "shardgate_rate_limit_fallbacks",
+            "Per-key limits the local bucket decided although limits.redis_url names a Redis"
+            " server (fail open), by reason: timeout, error, unavailable.",
+            labels=["reason"],
+        )
+        for reason, value in sorted(m.rate_limit_fallbacks.items()):
+            fallbacks.add_metric([reason], value)
+        yield fallbacks
 
     def _upstreams(self) -> Iterator[Any]:
         m = self._metrics

@@ -36,6 +36,7 @@ cdef class ClientConnection(ClientSide):
     cpdef on_headers_complete(self)
     cpdef _read_connection_options(self, Exchange exchange, RequestFields fields)
     cpdef _route(self, Exchange exchange, RequestFields fields, topology)
+    cpdef _rate_limit(self, Exchange exchange, decision, bytes raw_key, topology)
     cpdef bytes _upstream_head(self, Exchange exchange, list parsed, RequestFields fields, topology, bytes sliced)
     # ClientSide
     cpdef send(self, data)
@@ -44,4 +45,5 @@ cdef class ClientConnection(ClientSide):
     cpdef refuse(self, exchange, refusal)
     cpdef upstream_full(self, bint full)
     cpdef update_reading(self)
+    cpdef resume(self, exchange)
     cpdef bint writable(self) except -1

@@ -27,6 +27,7 @@ from gateway.proxy.context import ProxyContext
 from gateway.proxy.exchange import DONE, INTERNAL_ERROR, QUEUED, STREAMING, Exchange
 from gateway.proxy.flow import BROKEN, PENDING, PIPELINE, UPSTREAM_FULL, FlowControl
 from gateway.proxy.http import error_response, valid_host
+from gateway.proxy.ratelimit import ASK_REMOTE
 from gateway.proxy.request_head import (
     RequestFields,
     field_block,
@@ -37,7 +38,7 @@ from gateway.proxy.request_head import (
 )
 from gateway.proxy.sides import ClientSide
 from gateway.router import REPEATED_KEY, Refusal, decide, is_write
-from gateway.topology import Topology
+from gateway.topology import Decision, Topology
 
 log = logging.getLogger("shardgate.proxy")
 
@@ -278,7 +279,28 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
             exchange.keep_alive = False
             return BODY_TOO_LARGE
         exchange.decision = decision
+        if self.ctx.limiter.active:
+            return self._rate_limit(exchange, decision, fields.key, topology)
         return None
+
+    def _rate_limit(
+        self, exchange: Exchange, decision: Decision, raw_key: bytes | None, topology: Topology | None
+    ) -> Refusal | None:
+        """Take the request's tokens (docs/contract.md "Rate limits"): the 429 when a bucket is
+        empty. A key counts with its owner group (a read's too, wherever it is served); a read
+        whose key is not valid counts as one without a key."""
+        group = decision.group
+        if group is None and raw_key is not None and topology is not None:
+            group = topology.ring.cached_owner(raw_key)  # (validated and cached by decide)
+        key = raw_key.strip(b" \t") if raw_key is not None and group is not None else None
+        limiter = self.ctx.limiter
+        refusal = limiter.check(group, key, exchange.start_time)
+        if refusal is ASK_REMOTE:
+            assert key is not None and limiter.remote is not None  # (only a key's bucket is remote)
+            exchange.limit_pending = True  # it waits, its body read, for Redis's answer
+            limiter.remote(exchange, group, key)
+            return None
+        return refusal
 
     def _hold(
         self, exchange: Exchange, refusal: Refusal, fields: RequestFields, topology: Topology | None
@@ -385,6 +407,12 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
             break
         self.update_reading()
 
+    def resume(self, exchange: Exchange) -> None:
+        """``exchange`` waited for an answer from outside (its rate limit, asked in Redis) and
+        may go on: started now if it is its turn."""
+        if self.exchanges and self.exchanges[0] is exchange:
+            self._advance()
+
     def update_reading(self) -> None:
         """Hold reading back while a request waits for an earlier one, or while too much of a
         body is buffered with no upstream connection to take it."""
@@ -434,6 +462,7 @@ class ClientConnection(ClientSide):  # an asyncio protocol: the loop calls these
                 close=close,
                 retry_after=refusal.retry_after,
                 group=refusal.group,
+                headers=refusal.headers,
             )
         )
         self.exchange_done(exchange, ctx.loop.time())

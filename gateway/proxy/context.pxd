@@ -2,11 +2,14 @@
 # ``ctx`` attribute of both connections.
 
 from gateway.proxy.health cimport Outliers
+from gateway.proxy.ratelimit cimport RateLimiter
 
 cdef class ProxyContext:
     cdef public object loop, tracing, access_log, holder, metrics, limits, next_id, pools, _sweeper
     cdef public object read_state_soon
     cdef public Outliers health
+    cdef public RateLimiter limiter
+    cdef public object redis_limits
     cdef public double asked_for_state
     cdef public Py_ssize_t body_limit_digits
     cdef public set clients, upstreams, held

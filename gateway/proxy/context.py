@@ -17,6 +17,8 @@ from gateway.observability.tracing import Tracing
 from gateway.proxy.health import Outliers
 from gateway.proxy.http import RequestIds
 from gateway.proxy.pool import Pools
+from gateway.proxy.ratelimit import RateLimiter
+from gateway.redis_limits import RedisLimits
 from gateway.topology import TopologyHolder
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ class ProxyContext:
         tracing: Tracing | None = None,
         access_log: AccessLog | None = None,
         read_state_soon: Callable[[], None] | None = None,
+        limit_share: int = 1,
     ) -> None:
         self.loop = loop
         self.tracing = tracing  # None: tracing off, and free
@@ -63,6 +66,15 @@ class ProxyContext:
         self.pools = Pools(metrics)
         self.health = Outliers(loop, holder, metrics)  # passive health: which pods are ejected
         holder.subscribe(self.health.on_topology)
+        # Rate limits: the buckets (each of --workers W keeps 1/W of them), then Redis, if the
+        # config names one, for the per-key buckets (it reads the limits the limiter took).
+        self.limiter = RateLimiter(metrics, limit_share)
+        self.redis_limits = RedisLimits(loop, self.limiter, metrics)
+        holder.subscribe(self.limiter.on_topology)
+        holder.subscribe(self.redis_limits.on_topology)
+        if holder.current is not None:
+            self.limiter.on_topology(holder.current)
+            self.redis_limits.on_topology(holder.current)
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         # Writes for moving keys held during a fence phase (Exchange.decide_held): started again
@@ -88,6 +100,7 @@ class ProxyContext:
         self._sweeper = self.loop.create_task(self._sweep_forever())
 
     async def stop(self) -> None:
+        await self.redis_limits.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:

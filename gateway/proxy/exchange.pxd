@@ -23,7 +23,7 @@ cdef class Exchange(ResponseSink):
     cdef public str fenced_by
     cdef public long fenced_generation
     cdef public Py_ssize_t pending_bytes, body_bytes
-    cdef public bint chunked, keep_alive, is_write, expect_continue, resent, on_trial
+    cdef public bint chunked, keep_alive, is_write, expect_continue, resent, on_trial, limit_pending
 
     cpdef head_complete(self, method)
     cpdef add_body(self, data)
@@ -35,6 +35,7 @@ cdef class Exchange(ResponseSink):
     cpdef bind(self, pod)
     cpdef release(self)
     cpdef start(self)
+    cpdef limit_decided(self, refusal)
     cpdef decide_held(self)
     cpdef long _view_generation(self) except? -1
     cpdef double _hold_seconds(self) except? -1

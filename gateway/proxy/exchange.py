@@ -82,6 +82,7 @@ class Exchange(ResponseSink):
         "is_write",
         "keep_alive",
         "key",
+        "limit_pending",
         "method",
         "on_trial",
         "operation",
@@ -134,6 +135,7 @@ class Exchange(ResponseSink):
         self.fenced_by = ""
         self.fenced_generation = 0
         self.on_trial = False  # bound to a pod as its trial request (passive health)
+        self.limit_pending = False  # waiting for its rate limit's answer from Redis
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -227,6 +229,8 @@ class Exchange(ResponseSink):
 
     def start(self) -> None:
         """It is this exchange's turn (the one before it is answered): refuse it or send it."""
+        if self.limit_pending:
+            return  # its rate limit is asked in Redis: limit_decided starts it
         client = self.client
         refusal = self.refusal
         if refusal is None and client.ctx.draining:
@@ -242,6 +246,15 @@ class Exchange(ResponseSink):
         if self.expect_continue and not self.request_done:
             client.send(CONTINUE_RESPONSE)
         self.dispatch(None)
+
+    def limit_decided(self, refusal: Refusal | None) -> None:
+        """The answer of its rate limit, asked in Redis: refused (``refusal``), or free to go."""
+        self.limit_pending = False
+        if self.state != QUEUED or self.client.closed:
+            return  # its client went away meanwhile
+        if refusal is not None:
+            self.refusal = refusal
+        self.client.resume(self)
 
     def decide_held(self) -> Refusal | None:
         """A write held because its key is moving (or a fenced pod refused it), decided again on

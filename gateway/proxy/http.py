@@ -108,8 +108,10 @@ def error_response(
     close: bool,
     retry_after: int | None = None,
     group: str | None = None,
+    headers: tuple[bytes, ...] = (),
 ) -> bytes:
-    """The contract's JSON error as a complete HTTP/1.1 response."""
+    """The contract's JSON error as a complete HTTP/1.1 response (``headers``: more field
+    lines, each ``Name: value``)."""
     body = json.dumps(
         {"error": code, "detail": detail, "request_id": request_id.decode("ascii", "replace")},
         separators=(",", ":"),
@@ -124,5 +126,6 @@ def error_response(
         lines.append(b"X-Shard-Group: " + group.encode())
     if retry_after is not None:
         lines.append(b"Retry-After: %d" % retry_after)
+    lines.extend(headers)
     lines.append(b"Connection: close" if close else b"Connection: keep-alive")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body

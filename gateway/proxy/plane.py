@@ -32,7 +32,9 @@ class DataPlane:
         tracing: Tracing | None = None,
         access_log: AccessLog | None = None,
         read_state_soon: Callable[[], None] | None = None,
+        limit_share: int = 1,
     ) -> None:
+        self._limit_share = limit_share  # --workers W: each worker's rate limits are 1/W
         self._tracing = tracing
         self._read_state_soon = read_state_soon  # a fenced pod's 421: read the shard state now
         self._access_log = access_log
@@ -55,6 +57,7 @@ class DataPlane:
             self._tracing,
             self._access_log,
             self._read_state_soon,
+            self._limit_share,
         )
         # (ClientConnection implements asyncio.Protocol without subclassing it: compiled, it is
         # an extension type, which cannot have a Python base class.)

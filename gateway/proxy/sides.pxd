@@ -13,6 +13,7 @@ cdef class ClientSide:
     cpdef refuse(self, exchange, refusal)
     cpdef upstream_full(self, bint full)
     cpdef update_reading(self)
+    cpdef resume(self, exchange)
     cpdef bint writable(self) except -1
 
 cdef class ResponseSink:

@@ -50,6 +50,10 @@ class ClientSide:
         """Reading may have to pause or resume (an exchange's state changed)."""
         raise NotImplementedError
 
+    def resume(self, exchange: Exchange) -> None:
+        """The exchange waited for an answer from outside the connection, and may go on."""
+        raise NotImplementedError
+
     def writable(self) -> bool:
         """Whether the client's connection takes more bytes now (its write buffer is not full)."""
         raise NotImplementedError
