@@ -54,6 +54,7 @@ REQUIRED_ALERTS = {
     "HandoffStuck",
     "ShardStateUnconfirmed",
     "ShardGroupEjected",
+    "SustainedRateLimiting",
 }
 
 # Grafana variables, replaced by values a real query could have, for PromQL syntax checks.
