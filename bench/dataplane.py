@@ -156,6 +156,20 @@ class FakeLoop:
         raise AssertionError("the benchmark pre-opens every upstream connection")
 
 
+# ``--protection``: what the request path costs with rate limits and ejection bookkeeping on
+# (every bucket applies, with rates no request reaches: all pass) against both off.
+PROTECTION = {
+    "default": "",  # passive health on (the default), no limits
+    "off": "health: {passive: {enabled: false}}\n",
+    "on": (
+        "limits:\n"
+        "  per_key: {rate: 10000000, burst: 100000000}\n"
+        "  per_group: {rate: 10000000, burst: 100000000}\n"
+        "  global: {rate: 10000000, burst: 100000000}\n"
+    ),
+}
+
+
 @dataclass
 class Bench:
     client: ClientConnection
@@ -164,8 +178,8 @@ class Bench:
     ctx: ProxyContext
 
 
-def setup(shape: str) -> Bench:
-    topology = TopologyBuilder().build(parse_shard_config(CONFIG))
+def setup(shape: str, protection: str = "default") -> Bench:
+    topology = TopologyBuilder().build(parse_shard_config(CONFIG + PROTECTION[protection]))
     holder = TopologyHolder(log_changes=False)
     holder.swap(topology)
     ctx = ProxyContext(FakeLoop(), holder, Metrics(), Limits())  # type: ignore[arg-type]
@@ -216,8 +230,8 @@ def check(bench: Bench) -> None:
     assert sum(route.codes[1] for route in ctx.metrics.write_routes.values()) == before + 1
 
 
-def wall_clock(shape: str, requests: int, repeats: int) -> list[float]:
-    bench = setup(shape)
+def wall_clock(shape: str, requests: int, repeats: int, protection: str = "default") -> list[float]:
+    bench = setup(shape, protection)
     check(bench)
     drive(bench, WARMUP)
     runs = []
@@ -246,7 +260,7 @@ def build_label() -> str:
 _TOTALS = re.compile(rb"^(?:totals|summary): (\d+)", re.MULTILINE)
 
 
-def callgrind_instructions(shape: str, requests: int) -> float:
+def callgrind_instructions(shape: str, requests: int, protection: str = "default") -> float:
     """(Ir(2N) - Ir(N)) / N under callgrind: what one more request costs, in instructions."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -258,7 +272,8 @@ def callgrind_instructions(shape: str, requests: int) -> float:
             out = Path(tmp) / f"callgrind.{n}"
             subprocess.run(
                 [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}",
-                 sys.executable, "-m", "bench.dataplane", "--shape", shape, "--requests", str(n), "--once"],
+                 sys.executable, "-m", "bench.dataplane", "--shape", shape, "--requests", str(n), "--once",
+                 "--protection", protection],
                 env=env, check=True, capture_output=True,
             )  # fmt: skip
             found = _TOTALS.search(out.read_bytes())
@@ -277,11 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callgrind", action="store_true", help="instructions per request (valgrind)")
     parser.add_argument("--once", action="store_true", help="warm up, run --requests once, print nothing")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--protection",
+        choices=tuple(PROTECTION),
+        default="default",
+        help="off: no ejection bookkeeping, no limits; on: passive health and every rate limit",
+    )
     args = parser.parse_args(argv)
     shapes = SHAPES if args.shape == "all" else (args.shape,)
     if args.once:  # what runs under callgrind: the same steps, without timing
         for shape in shapes:
-            bench = setup(shape)
+            bench = setup(shape, args.protection)
             check(bench)
             drive(bench, WARMUP)
             drive(bench, args.requests)
@@ -291,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         result = Result(shape, label)
         if args.callgrind:
-            result.instructions_per_request = callgrind_instructions(shape, args.requests)
+            result.instructions_per_request = callgrind_instructions(shape, args.requests, args.protection)
         else:
             gc.collect()
-            result.runs_us = wall_clock(shape, args.requests, args.repeats)
+            result.runs_us = wall_clock(shape, args.requests, args.repeats, args.protection)
             result.us_per_request = statistics.median(result.runs_us)
         results.append(result)
     if args.json:
