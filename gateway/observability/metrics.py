@@ -109,6 +109,7 @@ class Metrics:
         "upstream_connects",
         "upstream_connect_failures",
         "upstream_retries",
+        "retry_budget_exhausted",
         "fenced_writes_resent",
         "fenced_writes_refused",
         "fenced_writes_held",
@@ -135,6 +136,7 @@ class Metrics:
         self.upstream_connects = 0
         self.upstream_connect_failures = 0
         self.upstream_retries = 0
+        self.retry_budget_exhausted = 0  # reads a pod failed that the retry budget left unretried
         # Writes a fenced pod answered 421 (never passed on): sent again to the newest owner,
         # held for a newer view (then counted as held writes too), or answered 503 shard_moving.
         self.fenced_writes_resent = 0
@@ -381,6 +383,13 @@ class GatewayCollector(Collector):
             "shardgate_upstream_retries",
             "Requests tried again on another pod (never a write after a byte of it was sent).",
             value=m.upstream_retries,
+        )
+        yield CounterMetricFamily(
+            "shardgate_retry_budget_exhausted",
+            "Reads a pod failed (reset, or answered 502/503/504) that were not tried again because"
+            " the retry budget had no room (retries are at most 20% of the requests, in flight and"
+            " over time): the pod's failure was the answer.",
+            value=m.retry_budget_exhausted,
         )
         yield _by_outcome(
             "shardgate_fenced_writes",

@@ -18,6 +18,7 @@ from gateway.proxy.health import Outliers
 from gateway.proxy.http import RequestIds
 from gateway.proxy.pool import Pools
 from gateway.proxy.ratelimit import RateLimiter
+from gateway.proxy.retries import RetryBudget
 from gateway.redis_limits import RedisLimits
 from gateway.topology import TopologyHolder
 
@@ -68,6 +69,7 @@ class ProxyContext:
         holder.subscribe(self.health.on_topology)
         # Rate limits: the buckets (each of --workers W keeps 1/W of them), then Redis, if the
         # config names one, for the per-key buckets (it reads the limits the limiter took).
+        self.retries = RetryBudget()  # read retries after a pod's failure, against requests in flight
         self.limiter = RateLimiter(metrics, limit_share)
         self.redis_limits = RedisLimits(loop, self.limiter, metrics)
         holder.subscribe(self.limiter.on_topology)

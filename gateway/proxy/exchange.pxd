@@ -23,7 +23,7 @@ cdef class Exchange(ResponseSink):
     cdef public str fenced_by
     cdef public long fenced_generation
     cdef public Py_ssize_t pending_bytes, body_bytes
-    cdef public bint chunked, keep_alive, is_write, expect_continue, resent, on_trial, limit_pending
+    cdef public bint chunked, keep_alive, is_write, expect_continue, resent, on_trial, limit_pending, retrying
 
     cpdef head_complete(self, method)
     cpdef add_body(self, data)
@@ -44,6 +44,9 @@ cdef class Exchange(ResponseSink):
     @cython.locals(link=PodLink)
     cpdef dispatch(self, exclude, no_pod=*)
     cpdef _read_elsewhere(self, exclude)
+    cpdef bint _another_pod_usable(self) except -1
+    cpdef bint retry_after_failure(self, no_pod) except -1
+    cpdef _retry_now(self, failed, no_pod)
     cpdef send_on(self, UpstreamConnection conn, double now)
     # ResponseSink
     cpdef response_head(self, bytes kept, int status, framing, body, bytes group)

@@ -34,6 +34,7 @@ from gateway.proxy.response_head import (
     finish_head,
     without_transfer_encoding,
 )
+from gateway.proxy.retries import RETRIABLE_STATUSES
 from gateway.proxy.sides import ClientSide, ResponseSink
 from gateway.router import NOT_READY, Decision, Refusal, choose_pod, decide, moving_to
 from gateway.topology import Handoff, Pod
@@ -92,6 +93,7 @@ class Exchange(ResponseSink):
         "refusal",
         "request_done",
         "resent",
+        "retrying",
         "rid",
         "sent_body",
         "served_by",
@@ -136,6 +138,7 @@ class Exchange(ResponseSink):
         self.fenced_generation = 0
         self.on_trial = False  # bound to a pod as its trial request (passive health)
         self.limit_pending = False  # waiting for its rate limit's answer from Redis
+        self.retrying = False  # a retry after a pod's failure, counted in the retry budget
         self.expect_continue = False
         self.status = 0  # of the response, once it is known
         self.attempts = 0
@@ -209,6 +212,7 @@ class Exchange(ResponseSink):
     def bind(self, pod: Pod) -> None:
         """Tie this request to ``pod`` (counted in its in-flight requests) until ``release``."""
         self.attempts += 1
+        self.client.ctx.retries.bound(self.attempts == 1)
         pod.inflight += 1
         pod.requests += 1
         if pod.trial and not pod.ejected:
@@ -217,8 +221,12 @@ class Exchange(ResponseSink):
         self.pod = self.served_by = pod
 
     def release(self) -> None:
+        if self.retrying:  # the retry it was ends (answered, failed, or its client left)
+            self.retrying = False
+            self.client.ctx.retries.give_back()
         pod = self.pod
         if pod is not None:
+            self.client.ctx.retries.in_flight -= 1
             pod.inflight -= 1
             if self.on_trial:
                 self.on_trial = False
@@ -392,6 +400,43 @@ class Exchange(ResponseSink):
         # (GET + "Operation-Type: write" is a write).
         return not self.is_write and self.method in _IDEMPOTENT and self.body_bytes == 0 and not self.chunked
 
+    def _another_pod_usable(self) -> bool:
+        """Whether a pod other than the one this request is bound to may take it now: of its
+        allowed set, or (``reads`` not ``owner``) any pod, as ``dispatch`` would pick."""
+        pod, decision = self.pod, self.decision
+        if decision is not None and _eligible_other_than(pod, decision.candidates):
+            return True
+        topology = self.client.ctx.holder.current
+        if topology is None or topology.reads == "owner":
+            return False
+        return _eligible_other_than(pod, topology.any_read.candidates)
+
+    def retry_after_failure(self, no_pod: Refusal) -> bool:
+        """Try this read again, on another pod, after a backoff with jitter: if the retry budget
+        has room (else False, and the failure is the answer). ``no_pod``: the answer if, when
+        the backoff ends, no usable pod is left."""
+        ctx = self.client.ctx
+        retries = ctx.retries
+        if not retries.try_take():
+            ctx.metrics.retry_budget_exhausted += 1
+            return False
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()  # the rest of the failed answer is of no use
+        failed = self.pod
+        self.release()
+        self.retrying = True  # (counted in the budget until this retry ends: release)
+        self.state = CONNECTING  # bound to no pod while it waits
+        ctx.metrics.upstream_retries += 1
+        ctx.loop.call_later(retries.backoff(), self._retry_now, failed, no_pod)
+        return True
+
+    def _retry_now(self, failed: Pod | None, no_pod: Refusal) -> None:
+        if self.state != CONNECTING or self.pod is not None or self.client.closed:
+            return  # its client went away during the backoff
+        self.dispatch(failed, no_pod)
+        self.client.update_reading()
+
     # -- ResponseSink: what the upstream connection reports -------------------------------------
 
     def response_head(
@@ -404,6 +449,11 @@ class Exchange(ResponseSink):
         if status == 421 and self.is_write and FENCE_FIELD in kept.lower():
             self.fenced()
             return
+        if status in RETRIABLE_STATUSES and self.may_retry() and self._another_pod_usable():
+            pod = self.served_by
+            detail = f"pods of group {pod.group if pod is not None else '?'} answered {status}"
+            if self.retry_after_failure(Refusal(502, "upstream_error", detail)):
+                return  # this answer is not passed on: another pod's is
         ctx = self.client.ctx
         if framing.until_close or (framing.chunked and self.http10) or ctx.draining or ctx.closing:
             # The body ends at the close (until_close; chunks decoded for HTTP/1.0), or the
@@ -498,14 +548,16 @@ class Exchange(ResponseSink):
         if not reused_connection and self.pod is not None:
             # (A kept-alive connection closed under a request says nothing about its pod.)
             self.client.ctx.health.failed(self.pod, RESET, self.on_trial)
-        if self.may_retry():
+        if self.may_retry() and reused_connection:
+            # A stale kept-alive connection says nothing about its pod: any pod will do, now
+            # (it costs no pod anything: outside the retry budget).
             self.client.ctx.metrics.upstream_retries += 1
-            pod = self.pod
             self.release()
-            # A stale kept-alive connection says nothing about its pod: any pod will do.
-            self.dispatch(None if reused_connection else pod, UPSTREAM_CLOSED)
+            self.dispatch(None, UPSTREAM_CLOSED)
             self.client.update_reading()
             return
+        if self.may_retry() and self.retry_after_failure(UPSTREAM_CLOSED):
+            return  # the pod reset it: another pod, after a backoff, within the budget
         self.client.refuse(self, UPSTREAM_CLOSED)
 
     def upstream_invalid(self) -> None:
@@ -544,6 +596,13 @@ def with_epoch(head: bytes, epoch: bytes) -> bytes:
     start = at + len(EPOCH_LINE)
     end = head.find(b"\r\n", start)
     return head[:start] + epoch + head[end:]
+
+
+def _eligible_other_than(pod: Pod | None, candidates: tuple[Pod, ...]) -> bool:
+    for candidate in candidates:
+        if candidate is not pod and candidate.eligible:
+            return True
+    return False
 
 
 def moving_in_flight(exchange: Exchange, handoff: Handoff) -> bool:

@@ -55,6 +55,7 @@ REQUIRED_ALERTS = {
     "ShardStateUnconfirmed",
     "ShardGroupEjected",
     "SustainedRateLimiting",
+    "RetryBudgetExhausted",
 }
 
 # Grafana variables, replaced by values a real query could have, for PromQL syntax checks.

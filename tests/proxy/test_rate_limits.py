@@ -204,7 +204,8 @@ def test_with_redis_the_per_key_bucket_is_redis_s(plane: Harness, redis: RedisSe
     client.connection_made(transport)  # type: ignore[arg-type]
     plane.feed(client, [post(b"{}", "alice"), post(b"{}", "alice")])
     plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 2)
-    assert [r[0] for r in responses_in(bytes(transport.written))] == [200, 429]
+    # (Pipelined, both ask Redis at once: which one gets the token is Redis's order.)
+    assert sorted(r[0] for r in responses_in(bytes(transport.written))) == [200, 429]
     assert statuses(plane, "alice", 1) == [429]
     redis.command("DEL", "shardgate:ratelimit:alice")
     assert statuses(plane, "alice", 1) == [200]  # Redis's bucket is the one that decides
