@@ -34,6 +34,7 @@ EXPECTED_ERRORS = {
     (400, "invalid_shard_key"),
     (400, "bad_request"),
     (413, "body_too_large"),
+    (429, "rate_limited"),
     (431, "headers_too_large"),
     (500, "internal_error"),
     (502, "upstream_error"),
