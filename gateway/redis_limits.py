@@ -124,18 +124,29 @@ class RedisLimits:
     async def _take(self, exchange: Exchange, group: str | None, key: bytes) -> None:
         limit, script = self._limiter.per_key_exact, self._script
         if limit is None or script is None:  # the limit went away while the request was read
-            exchange.limit_decided(None)
+            self._tell(exchange, None)
             return
         try:
             async with asyncio.timeout(self._timeout):
                 taken, remaining, wait = await script(keys=[KEY_PREFIX + key], args=[limit.rate, limit.burst])
         except Exception as exc:  # any failure of Redis: the local bucket decides (fail open)
-            exchange.limit_decided(self._decide_locally(group, key, exc))
+            self._tell(exchange, self._decide_locally(group, key, exc))
             return
         refused = not taken
-        exchange.limit_decided(
-            self._limiter.key_refused_remotely(group, int(remaining), float(wait)) if refused else None
+        self._tell(
+            exchange,
+            self._limiter.key_refused_remotely(group, int(remaining), float(wait)) if refused else None,
         )
+
+    @staticmethod
+    def _tell(exchange: Exchange, refusal: Refusal | None) -> None:
+        """Hand the answer to the exchange, which goes on from here (in this task, outside the
+        connection's own error handling: a bug of ours is answered 500, never left hanging)."""
+        try:
+            exchange.limit_decided(refusal)
+        except Exception as exc:  # a bug of ours: logged with its traceback, and answered 500
+            log.exception("internal error after a rate limit's answer")
+            exchange.client._internal_error(exc)  # type: ignore[attr-defined]
 
     def _decide_locally(self, group: str | None, key: bytes, exc: BaseException) -> Refusal | None:
         reason = "timeout" if isinstance(exc, TimeoutError) else "error"

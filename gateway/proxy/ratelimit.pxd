@@ -6,7 +6,7 @@ cdef class Bucket:
 
 cdef class Limit:
     cdef public str name
-    cdef public double rate, burst
+    cdef public double rate, burst, quota
     cdef public long window
 
     cpdef Bucket new_bucket(self)

@@ -48,7 +48,7 @@ class Bucket:
 class Limit:
     """One configured limit: its rate (tokens per second) and burst (the bucket's size)."""
 
-    __slots__ = ("burst", "name", "rate", "window")
+    __slots__ = ("burst", "name", "quota", "rate", "window")
 
     def __init__(self, name: str, settings: BucketConfig, share: int = 1) -> None:
         self.name = name
@@ -56,16 +56,21 @@ class Limit:
         self.burst = max(1.0, float(settings.capacity // share))
         # The window of the RateLimit-Policy field: the time an empty bucket takes to fill.
         self.window = max(1, math.ceil(self.burst / self.rate))
+        # The quota of the RateLimit-Policy field: what a window lets through at the rate, or
+        # the burst if more (a bucket smaller than a second of its rate says its rate).
+        self.quota = max(self.burst, math.floor(self.rate * self.window))
 
     def new_bucket(self) -> Bucket:
         return Bucket(self.burst, 0.0)  # (full: a take adds the time since 0 and caps at burst)
 
     def take(self, bucket: Bucket, now: float) -> float:
         """Take a token from ``bucket``: 0.0 if it had one, else the seconds until it will."""
-        tokens = bucket.tokens + (now - bucket.stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        bucket.stamp = now
+        tokens = bucket.tokens
+        if now > bucket.stamp:  # (a request whose head began before the last take adds nothing)
+            tokens += (now - bucket.stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            bucket.stamp = now
         if tokens >= 1.0:
             bucket.tokens = tokens - 1.0
             return 0.0
@@ -80,7 +85,7 @@ class Limit:
         """The 429 for a request this limit refused, ``wait`` seconds before a token is back."""
         seconds = max(1, math.ceil(wait))
         headers = (
-            b'RateLimit-Policy: "%s";q=%d;w=%d' % (self.name.encode(), self.burst, self.window),
+            b'RateLimit-Policy: "%s";q=%d;w=%d' % (self.name.encode(), self.quota, self.window),
             b'RateLimit: "%s";r=%d;t=%d' % (self.name.encode(), int(bucket.tokens), seconds),
         )
         detail = f"rate limit {self.name} exceeded ({self.rate:g} requests per second, burst {self.burst:g})"

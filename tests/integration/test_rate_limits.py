@@ -64,7 +64,7 @@ def test_a_hot_key_is_held_to_its_rate_while_other_keys_are_not(
     answer = http_request(gw.port, "POST", "/w", {KEY_HEADER: "hot-user"}, b"{}")
     if answer.status == 429:  # (a token may just have come back)
         assert_json_error(answer.status, answer.headers, answer.body, 429, "rate_limited")
-        assert answer.header("RateLimit-Policy") == f'"per_key";q={burst};w=1'
+        assert answer.header("RateLimit-Policy") == f'"per_key";q={int(rate)};w=1'  # (a second at the rate)
         assert answer.header("Retry-After") == "1"
 
 

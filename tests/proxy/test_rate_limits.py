@@ -153,6 +153,14 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     assert bucket.tokens == pytest.approx(2.0)
 
 
+def test_a_take_stamped_before_the_last_one_adds_and_removes_nothing_but_its_token() -> None:
+    limit = Limit("global", BucketConfig(rate=100, burst=10))
+    bucket = limit.new_bucket()
+    assert limit.take(bucket, 50.0) == 0.0
+    assert limit.take(bucket, 49.6) == 0.0  # (a head that began 0.4 s before the last take)
+    assert bucket.tokens == pytest.approx(8.0) and bucket.stamp == 50.0
+
+
 def test_with_workers_each_takes_its_share_of_a_limit() -> None:
     limit = Limit("global", BucketConfig(rate=10, burst=20), share=4)
     assert (limit.rate, limit.burst) == (2.5, 5.0)
