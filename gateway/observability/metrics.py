@@ -334,24 +334,20 @@ class GatewayCollector(Collector):
 
     def _rate_limits(self) -> Iterator[Any]:
         m = self._metrics
-        limited = CounterMetricFamily(
+        yield _labelled(
             "shardgate_rate_limited_requests",
             "Requests answered 429 rate_limited, by the limit whose bucket was empty: global,"
             " per_group, per_key.",
-            labels=["limit"],
+            "limit",
+            dict(sorted(m.rate_limits.items())),
         )
-        for limit, value in sorted(m.rate_limits.items()):
-            limited.add_metric([limit], value)
-        yield limited
-        fallbacks = CounterMetricFamily(
+        yield _labelled(
             "shardgate_rate_limit_fallbacks",
             "Per-key limits the local bucket decided although limits.redis_url names a Redis"
             " server (fail open), by reason: timeout, error, unavailable.",
-            labels=["reason"],
+            "reason",
+            dict(sorted(m.rate_limit_fallbacks.items())),
         )
-        for reason, value in sorted(m.rate_limit_fallbacks.items()):
-            fallbacks.add_metric([reason], value)
-        yield fallbacks
 
     def _upstreams(self) -> Iterator[Any]:
         m = self._metrics
@@ -584,7 +580,12 @@ def _bound_label(bound: float) -> str:
 
 def _by_outcome(name: str, documentation: str, counts: dict[str, float]) -> CounterMetricFamily:
     """A counter family with one ``outcome`` label, a sample per entry of ``counts``."""
-    family = CounterMetricFamily(name, documentation, labels=["outcome"])
-    for outcome, value in counts.items():
-        family.add_metric([outcome], value)
+    return _labelled(name, documentation, "outcome", counts)
+
+
+def _labelled(name: str, documentation: str, label: str, counts: dict[str, float]) -> CounterMetricFamily:
+    """A counter family with one label, a sample per entry of ``counts``."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value_of_label, value in counts.items():
+        family.add_metric([value_of_label], value)
     return family

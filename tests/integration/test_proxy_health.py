@@ -67,9 +67,10 @@ def test_a_group_whose_pods_stopped_answers_writes_503_at_once_and_reads_go_else
 
 
 class FailingPod:
-    """A pod that answers every request 500 (and counts them)."""
+    """A pod that answers every request ``status`` (500: a database outage) and counts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 500) -> None:
+        self.status = status
         self.answered = 0
         self._lock = threading.Lock()
         self.server = BackgroundAiohttp(self._app, name="failing-pod")
@@ -79,7 +80,7 @@ class FailingPod:
             await request.read()
             with self._lock:
                 self.answered += 1
-            return web.json_response({"error": "database down"}, status=500)
+            return web.json_response({"error": "database down"}, status=self.status)
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", fail)

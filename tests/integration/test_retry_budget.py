@@ -4,44 +4,22 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aiohttp import web
 
 from tests.integration.conftest import KEY_HEADER, GatewayFactory, group_of, http_request
-from tests.support import BackgroundAiohttp
+from tests.integration.test_proxy_health import FailingPod
 
 pytestmark = pytest.mark.timeout(120)
 
 CLIENTS, PER_CLIENT = 32, 25
 
 
-class Unavailable:
-    """A pod that answers every request 503 (and counts them)."""
-
-    def __init__(self) -> None:
-        self.answered = 0
-        self._lock = threading.Lock()
-        self.server = BackgroundAiohttp(self._app, name="unavailable-pod")
-
-    def _app(self) -> web.Application:
-        async def unavailable(request: web.Request) -> web.Response:
-            await request.read()
-            with self._lock:
-                self.answered += 1
-            return web.json_response({"error": "overloaded"}, status=503)
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", unavailable)
-        return app
-
-
 def test_while_a_group_answers_503_the_pods_see_at_most_1_2x_the_requests(
     start_gateway: GatewayFactory,
 ) -> None:
-    pods = [Unavailable() for _ in range(3)]
+    pods = [FailingPod(503) for _ in range(3)]
     try:
         addresses = [f"127.0.0.1:{pod.server.start()}" for pod in pods]
         # Passive health off: every pod stays usable, so every failed read could be retried.

@@ -17,8 +17,9 @@ import pytest
 from gateway.config import parse_shard_config
 from gateway.proxy.retries import MINIMUM, RATIO, RetryBudget
 from gateway.topology import TopologyBuilder
-from tests.proxy.harness import KEY_HEADER, Harness, RecordedHead, RecordingUpstream, harness, responses_in
+from tests.proxy.harness import KEY_HEADER, Harness, RecordedHead, RecordingUpstream, harness
 from tests.proxy.test_fenced_writes import post
+from tests.proxy.test_rate_limits import send
 
 
 @dataclass
@@ -29,27 +30,24 @@ class Answering(RecordingUpstream):
         return b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\nno" % self.status
 
 
-def two_pods(plane: Harness, failing_status: int) -> tuple[Answering, Answering]:
-    """One group of a pod answering ``failing_status`` and a healthy one (passive health off:
-    what is asserted is the retry, not the ejection)."""
-    failing, healthy = Answering(status=failing_status), Answering(status=200)
-    for pod in (failing, healthy):
+def group_of(plane: Harness, pods: tuple[RecordingUpstream, ...]) -> None:
+    """One group of ``pods`` (started here), passive health off: what is asserted is the
+    retry, not the ejection."""
+    for pod in pods:
         plane.run(pod.start())
-    endpoints = [f"127.0.0.1:{failing.port}", f"127.0.0.1:{healthy.port}"]
+    endpoints = [f"127.0.0.1:{pod.port}" for pod in pods]
     text = (
         f"version: 1\nrouting: {{key_header: {KEY_HEADER}}}\nhealth: {{passive: {{enabled: false}}}}\n"
         f"groups:\n  - name: g\n    endpoints: {json.dumps(endpoints)}\n"
     )
     plane.holder.swap(TopologyBuilder().build(parse_shard_config(text)))
+
+
+def two_pods(plane: Harness, failing_status: int) -> tuple[Answering, Answering]:
+    """A pod answering ``failing_status`` and a healthy one, in one group."""
+    failing, healthy = Answering(status=failing_status), Answering(status=200)
+    group_of(plane, (failing, healthy))
     return failing, healthy
-
-
-def send(plane: Harness, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-    client, transport = plane.connect()
-    plane.feed(client, [request])
-    plane.wait_for(lambda: len(responses_in(bytes(transport.written))) == 1)
-    ((response),) = responses_in(bytes(transport.written))
-    return response
 
 
 GET = b"GET /r HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -131,14 +129,7 @@ def test_a_reset_under_a_read_is_retried_on_another_pod(plane: Harness) -> None:
             raise ConnectionResetError  # closes the connection without a byte of answer
 
     resetting, healthy = Resetting(), Answering(status=200)
-    for pod in (resetting, healthy):
-        plane.run(pod.start())
-    endpoints = [f"127.0.0.1:{resetting.port}", f"127.0.0.1:{healthy.port}"]
-    text = (
-        f"version: 1\nrouting: {{key_header: {KEY_HEADER}}}\nhealth: {{passive: {{enabled: false}}}}\n"
-        f"groups:\n  - name: g\n    endpoints: {json.dumps(endpoints)}\n"
-    )
-    plane.holder.swap(TopologyBuilder().build(parse_shard_config(text)))
+    group_of(plane, (resetting, healthy))
     answers = []
     while not resetting.heads:
         earn(plane, MINIMUM)
